@@ -1,0 +1,33 @@
+# MedRegion-CT: region-focused report generation for 3D chest CT.
+# Entry point: `snakemake --cores 2 all` runs the demo (config/config.yaml); see README.md.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/cohort.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/regions.smk"
+include: "workflow/rules/attributes.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/reports.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/generate.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        all_outputs,
+    default_target: True

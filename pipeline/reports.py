@@ -1,0 +1,150 @@
+"""Reports stage: the ground truth per volume, as six region texts plus the full findings.
+
+Region texts come from RadGenome's grounded sentences (`Volumename, Anatomy, Sentence`): the first
+element of an anatomy path (`lung/lung/right lung/...`) is rolled up to one of the six regions by the
+`report_regions` table of `config/regions.yaml`; rows with an empty anatomy hold the whole report and
+are not region text. A volume without grounded sentences gets its findings split into sentences and
+each sentence assigned by keywords (`classify_sentence`).
+
+Output `results/reports/<split>.parquet`: volume_id, patient_id, split, findings, impressions, the six
+region columns (REGIONS), `region_source` (grounded | keywords) and the 18 CT-RATE label columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from pipeline.constants import CTRATE_CLASSES, REGIONS, SPLITS
+from pipeline.io import InputError, setup_logging, write_parquet
+
+# Keywords that place a free-text sentence in a region; first match in REGIONS order of priority.
+_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "airways": ("trachea", "bronch", "airway"),
+    "heart": ("heart", "cardi", "aort", "pericard", "coronary", "pulmonary arter", "vena cava", "vascular"),
+    "mediastinum": ("mediastin", "lymph", "esophag", "thyroid", "hiatal", "thymus"),
+    "osseous": ("bone", "vertebr", "rib", "sternum", "osseous", "spine", "lytic", "spondyl", "skelet"),
+    "abdomen": ("liver", "kidney", "renal", "spleen", "adrenal", "gallbladder", "pancrea", "stomach", "abdom", "hepat"),
+    "lung": ("lung", "lobe", "pleura", "nodul", "parenchym", "emphysem", "consolidat", "atelecta", "opacit", "effusion"),
+}
+KEYWORDS = "keywords"  # report_regions value: place each sentence by `classify_sentence`
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def classify_sentence(sentence: str) -> str | None:
+    low = sentence.lower()
+    for region in ("airways", "heart", "mediastinum", "osseous", "abdomen", "lung"):
+        if any(k in low for k in _KEYWORDS[region]):
+            return region
+    return None
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE.split(text or "") if s.strip()]
+
+
+def load_report_regions(table: Path) -> dict[str, str]:
+    raw = yaml.safe_load(Path(table).read_text())
+    mapping = {str(k): str(v) for k, v in raw["report_regions"].items()}
+    bad = sorted(set(mapping.values()) - set(REGIONS) - {KEYWORDS})
+    if bad:
+        raise ValueError(f"{table}: report_regions maps to unknown regions {bad}")
+    return mapping
+
+
+def region_texts_from_grounded(
+    region_rows: pd.DataFrame, report_regions: dict[str, str], source: str
+) -> dict[str, dict[str, str]]:
+    """volume_id -> region -> text, sentences kept in file order."""
+    out: dict[str, dict[str, list[str]]] = {}
+    unknown: set[str] = set()
+    for vid, anatomy, sentence in region_rows[["Volumename", "Anatomy", "Sentence"]].itertuples(index=False):
+        vid = re.sub(r"\.nii(\.gz)?$", "", str(vid))
+        anatomy = str(anatomy or "").strip()
+        if not anatomy:
+            continue  # whole-report rows
+        top = anatomy.split("/")[0].strip()
+        region = report_regions.get(top)
+        if region is None:
+            unknown.add(top)
+            continue
+        if region == KEYWORDS:
+            region = classify_sentence(str(sentence))
+            if region is None:
+                continue
+        out.setdefault(vid, {r: [] for r in REGIONS})[region].append(str(sentence).strip())
+    if unknown:
+        raise InputError(f"{source}: anatomy regions not in report_regions: {sorted(unknown)}")
+    return {vid: {r: " ".join(s) for r, s in regions.items()} for vid, regions in out.items()}
+
+
+def region_texts_from_keywords(findings: str) -> dict[str, str]:
+    parts: dict[str, list[str]] = {r: [] for r in REGIONS}
+    for sentence in split_sentences(findings):
+        region = classify_sentence(sentence)
+        if region is not None:
+            parts[region].append(sentence)
+    return {r: " ".join(s) for r, s in parts.items()}
+
+
+def read_labels(paths: Sequence[Path]) -> pd.DataFrame:
+    frames = []
+    for path in paths:
+        df = pd.read_csv(path)
+        missing = [c for c in ("VolumeName", *CTRATE_CLASSES) if c not in df.columns]
+        if missing:
+            raise InputError(f"{path}: label CSV lacks columns {missing}")
+        df = df[["VolumeName", *CTRATE_CLASSES]].rename(columns={"VolumeName": "volume_id"})
+        df["volume_id"] = df["volume_id"].str.replace(r"\.nii(\.gz)?$", "", regex=True)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["volume_id", *CTRATE_CLASSES])
+
+
+def build_reports(
+    manifest: pd.DataFrame, region_csvs: Sequence[Path], label_csvs: Sequence[Path], table: Path
+) -> pd.DataFrame:
+    report_regions = load_report_regions(table)
+    grounded: dict[str, dict[str, str]] = {}
+    for path in region_csvs:
+        rows = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if not {"Volumename", "Anatomy", "Sentence"} <= set(rows.columns):
+            raise InputError(f"{path}: region report CSV needs columns Volumename, Anatomy, Sentence")
+        grounded.update(region_texts_from_grounded(rows, report_regions, str(path)))
+    records = []
+    for row in manifest.itertuples(index=False):
+        if row.volume_id in grounded:
+            texts, source = grounded[row.volume_id], "grounded"
+        else:
+            texts, source = region_texts_from_keywords(row.findings), "keywords"
+        records.append({"volume_id": row.volume_id, "patient_id": row.patient_id, "split": row.split,
+                        "findings": row.findings, "impressions": row.impressions, **texts,
+                        "region_source": source})
+    reports = pd.DataFrame(records)
+    labels = read_labels(label_csvs)
+    reports = reports.merge(labels, on="volume_id", how="left")
+    return reports
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--manifest", type=Path, required=True)
+    ap.add_argument("--region-csv", type=Path, nargs="*", default=[])
+    ap.add_argument("--labels-csv", type=Path, nargs="*", default=[])
+    ap.add_argument("--table", type=Path, required=True)
+    ap.add_argument("--out-dir", type=Path, required=True)
+    args = ap.parse_args(argv)
+    log = setup_logging()
+    reports = build_reports(pd.read_parquet(args.manifest), args.region_csv, args.labels_csv, args.table)
+    for split in SPLITS:
+        part = reports[reports["split"] == split].reset_index(drop=True)
+        write_parquet(part, args.out_dir / f"{split}.parquet")
+        log.info("%s: %d reports (%d grounded)", split, len(part), int((part["region_source"] == "grounded").sum()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+# Shared helpers: paths, shard lists and parameter serialisation. Input functions live here only.
+import json
+import shlex
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(workflow.basedir)
+RES = config["results"]
+FEATURE_ARRAYS_DIR = f"{RES}/features"
+
+
+def repo_file(path):
+    """A config path: as given when it exists from the working directory, else inside the repository."""
+    p = Path(path)
+    return str(p) if p.is_absolute() or p.exists() else str(REPO / p)
+
+
+def as_json(obj):
+    """Parameters travel to the CLIs as one shell-quoted JSON string (and rerun rules when changed)."""
+    return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def dataset():
+    """The dataset's file locations; the demo's are inside the generated cohort folder."""
+    ds = config["dataset"]
+    if ds["adapter"] == "demo":
+        root = f"{RES}/demo/cohort"
+        return {
+            "root": root,
+            "volumes_dir": f"{root}/volumes",
+            "masks_dir": f"{root}/masks",
+            "reports_csv": [f"{root}/reports.csv"],
+            "region_report_csv": [f"{root}/region_report.csv"],
+            "labels_csv": [f"{root}/labels.csv"],
+            "splits_csv": f"{root}/splits.csv",
+            "validation_fraction": 0.15,
+        }
+    return {**ds, "root": None}
+
+
+def dataset_inputs():
+    ds = dataset()
+    if ds["root"] is not None:
+        return [ds["root"]]
+    return list(ds["reports_csv"]) + ([ds["splits_csv"]] if ds.get("splits_csv") else [])
+
+
+def shards(wildcards=None):
+    """Shard ids, known once the cohort checkpoint has run."""
+    manifest = checkpoints.cohort.get().output.manifest
+    return sorted(int(s) for s in pd.read_parquet(manifest, columns=["shard"])["shard"].unique())
+
+
+def shard_files(pattern):
+    """Input function: `pattern` formatted for every shard (other wildcards passed through)."""
+
+    def inner(wildcards):
+        return [pattern.format(shard=s, **wildcards) for s in shards()]
+
+    return inner
+
+
+def experiment(name):
+    return config["experiments"][name]
+
+
+def feature_dir(pooling):
+    return f"{FEATURE_ARRAYS_DIR}/{config['features']['tag']}-{pooling}"
+
+
+def experiment_features(wildcards):
+    pooling = experiment(wildcards.exp)["pooling"]
+    return [f"{feature_dir(pooling)}/shard-{s}.zarr" for s in shards()]
+
+
+def all_outputs(wildcards):
+    exps = list(config["experiments"])
+    return (
+        [f"{RES}/experiments/{e}/metrics.json" for e in exps]
+        + [f"{RES}/tables/ablation.{ext}" for ext in ("csv", "md", "png")]
+        + [f"{RES}/qc/regions/shard-{s}.parquet" for s in shards()]
+    )

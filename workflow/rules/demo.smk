@@ -1,0 +1,64 @@
+# Demo-only inputs: the synthetic cohort and the tiny stand-in encoder / LLM, written to local folders.
+# Each is defined only when the config asks for it, so no rule can overwrite real data or weights.
+
+
+if config["dataset"]["adapter"] == "demo":
+
+    rule demo_cohort:
+        output:
+            directory(f"{RES}/demo/cohort"),
+        params:
+            n_cases=config["dataset"].get("demo", {}).get("n_cases", 80),
+            seed=config["dataset"].get("demo", {}).get("seed", 0),
+        log:
+            f"{RES}/logs/demo_cohort.log",
+        benchmark:
+            f"{RES}/benchmarks/demo_cohort.tsv"
+        threads: 2
+        conda:
+            "../../envs/pipeline.yaml"
+        shell:
+            "python -m pipeline.demo_cohort --out {output} --n-cases {params.n_cases} --seed {params.seed}"
+            " --workers {threads} > {log} 2>&1"
+
+
+if config["features"]["encoder"].get("build_demo", False):
+
+    rule demo_encoder:
+        output:
+            directory(config["features"]["encoder"]["path"]),
+        params:
+            hidden=config["features"]["encoder"].get("demo_hidden_size", 64),
+            layers=config["features"]["encoder"].get("demo_layers", 4),
+        log:
+            f"{RES}/logs/demo_encoder.log",
+        benchmark:
+            f"{RES}/benchmarks/demo_encoder.tsv"
+        conda:
+            "../../envs/pipeline.yaml"
+        shell:
+            "python -m pipeline.features demo-encoder --out {output} --hidden-size {params.hidden}"
+            " --layers {params.layers} > {log} 2>&1"
+
+
+if config["llm"].get("build_demo", False):
+
+    rule demo_llm:
+        input:
+            train=f"{RES}/reports/train.parquet",
+        output:
+            directory(config["llm"]["path"]),
+        params:
+            hidden=config["llm"].get("demo_hidden_size", 128),
+            layers=config["llm"].get("demo_layers", 2),
+            vocab=config["llm"].get("demo_vocab_size", 2000),
+        log:
+            f"{RES}/logs/demo_llm.log",
+        benchmark:
+            f"{RES}/benchmarks/demo_llm.tsv"
+        threads: 2
+        conda:
+            "../../envs/train.yaml"
+        shell:
+            "python -m model.demo_llm --reports {input.train} --out {output} --hidden-size {params.hidden}"
+            " --layers {params.layers} --vocab-size {params.vocab} > {log} 2>&1"

@@ -1,0 +1,23 @@
+rule generate:
+    input:
+        model=f"{RES}/experiments/{{exp}}/stage2/medregion_config.json",
+        features=experiment_features,
+        attributes=shard_files(f"{RES}/attributes/shard-{{shard}}.parquet"),
+        test=f"{RES}/reports/test.parquet",
+    output:
+        f"{RES}/experiments/{{exp}}/predictions.parquet",
+    params:
+        model_dir=lambda w: f"{RES}/experiments/{w.exp}/stage2",
+        max_new_tokens=config["generate"]["max_new_tokens"],
+        batch_size=config["generate"]["batch_size"],
+    log:
+        f"{RES}/logs/generate/{{exp}}.log",
+    benchmark:
+        f"{RES}/benchmarks/generate/{{exp}}.tsv"
+    threads: 2
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m model.generate --model {params.model_dir} --features {input.features}"
+        " --attributes {input.attributes} --reports {input.test} --out {output}"
+        " --max-new-tokens {params.max_new_tokens} --batch-size {params.batch_size} > {log} 2>&1"

@@ -1,0 +1,19 @@
+rule reports:
+    input:
+        manifest=f"{RES}/cohort.parquet",
+        table=repo_file(config["regions_table"]),
+    output:
+        expand(f"{RES}/reports/{{split}}.parquet", split=["train", "validation", "test"]),
+    params:
+        out_dir=f"{RES}/reports",
+        region_csv=dataset().get("region_report_csv", []),
+        labels_csv=dataset().get("labels_csv", []),
+    log:
+        f"{RES}/logs/reports.log",
+    benchmark:
+        f"{RES}/benchmarks/reports.tsv"
+    conda:
+        "../../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.reports --manifest {input.manifest} --region-csv {params.region_csv}"
+        " --labels-csv {params.labels_csv} --table {input.table} --out-dir {params.out_dir} > {log} 2>&1"

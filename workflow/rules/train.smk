@@ -1,0 +1,62 @@
+def train_params(stage):
+    def inner(wildcards):
+        return as_json({**config["train"][f"stage{stage}"], **experiment(wildcards.exp)})
+
+    return inner
+
+
+TRAIN_INPUTS = dict(
+    features=experiment_features,
+    attributes=shard_files(f"{RES}/attributes/shard-{{shard}}.parquet"),
+    train=f"{RES}/reports/train.parquet",
+    val=f"{RES}/reports/validation.parquet",
+    llm=config["llm"]["path"],
+)
+
+
+rule train_stage1:
+    input:
+        **TRAIN_INPUTS,
+    output:
+        f"{RES}/experiments/{{exp}}/stage1/medregion_config.json",
+    params:
+        cfg=train_params(1),
+        accelerate=repo_file(config["train"]["accelerate_config"]),
+        out=lambda w: f"{RES}/experiments/{w.exp}/stage1",
+    log:
+        f"{RES}/logs/train/{{exp}}-stage1.log",
+    benchmark:
+        f"{RES}/benchmarks/train/{{exp}}-stage1.tsv"
+    threads: 2
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "accelerate launch --config_file {params.accelerate} -m model.train --stage 1"
+        " --params-json {params.cfg} --features {input.features} --attributes {input.attributes}"
+        " --train-reports {input.train} --val-reports {input.val} --llm {input.llm}"
+        " --out {params.out} --resume > {log} 2>&1"
+
+
+rule train_stage2:
+    input:
+        **TRAIN_INPUTS,
+        stage1=f"{RES}/experiments/{{exp}}/stage1/medregion_config.json",
+    output:
+        f"{RES}/experiments/{{exp}}/stage2/medregion_config.json",
+    params:
+        cfg=train_params(2),
+        accelerate=repo_file(config["train"]["accelerate_config"]),
+        init=lambda w: f"{RES}/experiments/{w.exp}/stage1",
+        out=lambda w: f"{RES}/experiments/{w.exp}/stage2",
+    log:
+        f"{RES}/logs/train/{{exp}}-stage2.log",
+    benchmark:
+        f"{RES}/benchmarks/train/{{exp}}-stage2.tsv"
+    threads: 2
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "accelerate launch --config_file {params.accelerate} -m model.train --stage 2"
+        " --params-json {params.cfg} --features {input.features} --attributes {input.attributes}"
+        " --train-reports {input.train} --val-reports {input.val} --llm {input.llm}"
+        " --init {params.init} --out {params.out} --resume > {log} 2>&1"
