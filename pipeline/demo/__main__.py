@@ -1,0 +1,3 @@
+from pipeline.demo.cohort import main
+
+main()
