@@ -1,11 +1,14 @@
 # MedRegion-CT: region-focused report generation for 3D chest CT.
 # Entry point: `snakemake --cores 2 all` runs the demo (config/config.yaml); see README.md.
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo config, found from any working directory; --configfile files are merged over it.
+configfile: str(Path(workflow.basedir) / "config" / "config.yaml")
 
 
 validate(config, "workflow/schemas/config.schema.yaml")

@@ -152,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--splits-csv", type=Path)
     ap.add_argument("--validation-fraction", type=float, default=0.15)
     ap.add_argument("--shard-size", type=int, required=True)
+    ap.add_argument("--expect-volumes", type=int, help="volume count the workflow planned its shards for")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     log = setup_logging()
@@ -163,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.splits_csv,
         args.validation_fraction,
     )
+    if args.expect_volumes is not None and len(manifest) != args.expect_volumes:
+        raise InputError(f"the dataset has {len(manifest)} volumes but the workflow planned shards for "
+                         f"{args.expect_volumes}: the report CSVs changed while planning; rerun")
     write_parquet(manifest, args.out)
     counts = manifest["split"].value_counts().to_dict()
     log.info("cohort: %d volumes, %d shards, splits %s -> %s",

@@ -1,7 +1,4 @@
-# The cohort manifest decides the shards, so it is a checkpoint: the DAG is re-planned after it.
-
-
-checkpoint cohort:
+rule cohort:
     input:
         dataset_inputs(),
     output:
@@ -13,6 +10,7 @@ checkpoint cohort:
         splits=f"--splits-csv {dataset()['splits_csv']}" if dataset().get("splits_csv") else "",
         validation=dataset().get("validation_fraction", 0.15),
         shard_size=config["shard_size"],
+        n_volumes=N_VOLUMES,
     log:
         f"{RES}/logs/cohort.log",
     benchmark:
@@ -22,4 +20,4 @@ checkpoint cohort:
     shell:
         "python -m pipeline.cohort --volumes-dir {params.volumes} --masks-dir {params.masks}"
         " --reports-csv {params.reports} {params.splits} --validation-fraction {params.validation}"
-        " --shard-size {params.shard_size} --out {output.manifest} > {log} 2>&1"
+        " --shard-size {params.shard_size} --expect-volumes {params.n_volumes} --out {output.manifest} > {log} 2>&1"

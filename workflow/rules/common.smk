@@ -46,10 +46,24 @@ def dataset_inputs():
     return list(ds["reports_csv"]) + ([ds["splits_csv"]] if ds.get("splits_csv") else [])
 
 
+def n_volumes():
+    """Volumes in the cohort, known when the DAG is planned (so no checkpoint is needed).
+
+    The demo generates exactly `n_cases` volumes; a real dataset has one per report-CSV row. The
+    cohort rule checks that its manifest agrees.
+    """
+    ds = config["dataset"]
+    if ds["adapter"] == "demo":
+        return int(ds.get("demo", {}).get("n_cases", 80))
+    return sum(len(pd.read_csv(p, usecols=["VolumeName"])) for p in ds["reports_csv"])
+
+
+N_VOLUMES = n_volumes()
+SHARDS = list(range(max(1, -(-N_VOLUMES // config["shard_size"]))))
+
+
 def shards(wildcards=None):
-    """Shard ids, known once the cohort checkpoint has run."""
-    manifest = checkpoints.cohort.get().output.manifest
-    return sorted(int(s) for s in pd.read_parquet(manifest, columns=["shard"])["shard"].unique())
+    return SHARDS
 
 
 def shard_files(pattern):
