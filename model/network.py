@@ -1,0 +1,452 @@
+"""The MedRegion-CT network: connector + mask extractor + a causal LM with LoRA.
+
+    vision tokens   connector(concat(global, region))                  (B, 356, H)  -> <img> slots
+    mask token      Linear(sum_l Linear_l(mask_pooled[:, m, l]))        (B, M, H)    -> <mask> slots
+    spatial token   3-layer ReLU MLP(flatten(mask_grid[:, m]))          (B, M, H)    -> <pos> slots
+
+The prompt carries one placeholder token per embedding; the embeddings are scattered into those
+positions with `inputs_embeds.masked_scatter` as transformers' Llava does (no list surgery), and the
+LM runs on `inputs_embeds`. The LM is any `AutoModelForCausalLM` folder; LoRA (PEFT) wraps only the LM,
+connector and mask extractor stay ordinary modules.
+
+Stage 1 trains the connector only (LM frozen, no adapter); stage 2 trains connector + mask extractor +
+LoRA. `save_pretrained(dir)` writes the tokenizer, the adapter (stage 2), `connector_mask.safetensors`
+and, last, `medregion_config.json` which marks the folder complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.prompt import IGNORE_INDEX, IMG_TOKEN, MASK_TOKEN, PLACEHOLDER_TOKENS, POS_TOKEN
+
+CONFIG_NAME = "medregion_config.json"
+WEIGHTS_NAME = "connector_mask.safetensors"
+ADAPTER_DIR = "adapter"
+TOKENIZER_DIR = "tokenizer"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class MedRegionCTConfig:
+    """Everything needed to rebuild the network around a base LM (saved as medregion_config.json)."""
+
+    llm_path: str
+    encoder_hidden: int  # C, width of the cached encoder features
+    llm_hidden: int | None = None  # filled from the LM's config when the network is built
+    n_global: int = 32  # D slices
+    n_region: int = 324  # T region tokens
+    n_masks: int = 9
+    levels: int = 4  # L
+    mask_grid: tuple[int, ...] = (8, 16, 16)
+    connector: str = "linear"  # "linear" (paper) | "mlp"
+    mask_hidden: int = 1024
+    use_mask_tokens: bool = True
+    use_attributes: bool = True
+    pooling: str = "r2"  # provenance tag of the features ("r2" | "lita")
+    stage: int = 2
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    max_length: int = 2048
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance
+
+    @property
+    def n_vision(self) -> int:
+        return self.n_global + self.n_region
+
+    @property
+    def prompt_uses_masks(self) -> bool:
+        """Stage 1 is the image-report warm-up: vision tokens only."""
+        return self.stage == 2 and self.use_mask_tokens
+
+    @property
+    def prompt_uses_attributes(self) -> bool:
+        return self.stage == 2 and self.use_attributes
+
+    def __post_init__(self) -> None:
+        if self.connector not in ("linear", "mlp"):
+            raise ValueError(f"connector must be 'linear' or 'mlp', got {self.connector!r}")
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
+        self.mask_grid = tuple(int(x) for x in self.mask_grid)
+        self.lora_targets = tuple(self.lora_targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mask_grid"] = list(self.mask_grid)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MedRegionCTConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown MedRegionCT config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class Connector(nn.Module):
+    """Encoder width C -> LM width H, applied token-wise (linear as the paper, or a 2-layer MLP)."""
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear"):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Sequential(nn.Linear(in_dim, out_dim))
+        else:
+            self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MaskExtractor(nn.Module):
+    """Osprey-style mask extractor on cached, parameter-free mask pooling.
+
+    mask_pooled (B, M, L, C) -> per-level Linear(C -> hidden), summed over levels, Linear(hidden -> H).
+    mask_grid (B, M, d, h, w) -> flatten -> Linear -> ReLU -> Linear -> ReLU -> Linear (-> H).
+    """
+
+    def __init__(self, in_dim: int, levels: int, grid_size: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.level_proj = nn.ModuleList(nn.Linear(in_dim, hidden) for _ in range(levels))
+        self.mask_out = nn.Linear(hidden, out_dim)
+        self.spatial = nn.Sequential(
+            nn.Linear(grid_size, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, out_dim),
+        )
+
+    def forward(
+        self, mask_pooled: torch.Tensor, mask_grid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if mask_pooled.shape[2] != len(self.level_proj):
+            raise ValueError(
+                f"mask_pooled has {mask_pooled.shape[2]} levels, extractor expects {len(self.level_proj)}"
+            )
+        summed = sum(proj(mask_pooled[:, :, i]) for i, proj in enumerate(self.level_proj))
+        mask_tokens = self.mask_out(summed)
+        spatial_tokens = self.spatial(mask_grid.flatten(2))
+        return mask_tokens, spatial_tokens
+
+
+def splice(
+    inputs_embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, feats: torch.Tensor, name: str
+) -> torch.Tensor:
+    """Scatter feats (B, n, H) into the positions of `token_id` (n per row), Llava's masked_scatter."""
+    where = input_ids == token_id
+    per_row = where.sum(dim=1)
+    if feats.shape[0] != input_ids.shape[0] or bool((per_row != feats.shape[1]).any()):
+        raise ValueError(
+            f"{name}: placeholder count per sample {per_row.tolist()} does not match "
+            f"{feats.shape[0]} samples x {feats.shape[1]} embeddings"
+        )
+    mask = where.unsqueeze(-1).expand_as(inputs_embeds)
+    return inputs_embeds.masked_scatter(
+        mask, feats.to(inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
+    )
+
+
+class MedRegionCT(nn.Module):
+    def __init__(self, config: MedRegionCTConfig, llm: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self._add_placeholder_tokens(llm)
+        self.llm = llm
+        hidden = llm.get_input_embeddings().embedding_dim
+        config.llm_hidden = hidden
+        self.connector = Connector(config.encoder_hidden, hidden, config.connector)
+        grid_size = 1
+        for s in config.mask_grid:
+            grid_size *= s
+        self.mask_extractor = (
+            MaskExtractor(config.encoder_hidden, config.levels, grid_size, config.mask_hidden, hidden)
+            if config.prompt_uses_masks  # stage 1 prompts carry no mask tokens: no extractor to drag along
+            else None
+        )
+        self.img_token_id, self.mask_token_id, self.pos_token_id = tokenizer.convert_tokens_to_ids(
+            list(PLACEHOLDER_TOKENS)
+        )
+
+    # --- construction ---------------------------------------------------------------------------
+
+    def _add_placeholder_tokens(self, llm: nn.Module) -> None:
+        """Add <img>, <mask>, <pos> as special tokens; grow the embeddings with zero rows if needed.
+
+        The rows' values never reach the LM's input (the splice overwrites them) and zero output rows
+        keep the model deterministic across save/load; generation also suppresses these ids.
+        """
+        tok = self.tokenizer
+        missing = [t for t in PLACEHOLDER_TOKENS if t not in tok.get_vocab()]
+        if missing:
+            tok.add_tokens(missing, special_tokens=True)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        old = llm.get_input_embeddings().num_embeddings
+        if len(tok) > old:
+            llm.resize_token_embeddings(len(tok), mean_resizing=False)
+            with torch.no_grad():
+                llm.get_input_embeddings().weight[old:].zero_()
+                out = llm.get_output_embeddings()
+                if out is not None:
+                    out.weight[old:].zero_()
+                    if getattr(out, "bias", None) is not None:
+                        out.bias[old:].zero_()
+
+    @classmethod
+    def from_config(cls, config: MedRegionCTConfig, dtype: torch.dtype | None = None) -> MedRegionCT:
+        """Fresh network: base LM + tokenizer from config.llm_path, LoRA added for stage 2."""
+        llm, tokenizer = load_llm(config.llm_path, dtype)
+        model = cls(config, llm, tokenizer)
+        if config.stage == 2:
+            model.add_lora()
+        model.set_trainable(config.stage)
+        return model
+
+    def add_lora(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=self.config.lora_r,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            target_modules=list(self.config.lora_targets),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.llm = get_peft_model(self.llm, lora)
+
+    @property
+    def has_lora(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.llm, PeftModel)
+
+    def set_trainable(self, stage: int) -> None:
+        """Stage 1: connector only. Stage 2: connector + mask extractor + LoRA; base LM always frozen."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for p in self.connector.parameters():
+            p.requires_grad_(True)
+        if stage == 2:
+            if self.mask_extractor is not None:
+                for p in self.mask_extractor.parameters():
+                    p.requires_grad_(True)
+            for name, p in self.llm.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the trainable tensors (what a training checkpoint needs; the base LM is never copied)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def enable_gradient_checkpointing(self) -> None:
+        base = self.llm.get_base_model() if self.has_lora else self.llm
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+
+    # --- forward --------------------------------------------------------------------------------
+
+    def build_inputs_embeds(
+        self,
+        input_ids: torch.Tensor,
+        vision: torch.Tensor,
+        mask_pooled: torch.Tensor | None = None,
+        mask_grid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        embeds = splice(embeds, input_ids, self.img_token_id, self.connector(vision), IMG_TOKEN)
+        n_mask_slots = int((input_ids == self.mask_token_id).sum() + (input_ids == self.pos_token_id).sum())
+        if n_mask_slots:
+            if self.mask_extractor is None:
+                raise ValueError("the prompt has <mask>/<pos> tokens but the network has no mask extractor")
+            if mask_pooled is None or mask_grid is None:
+                raise ValueError("the prompt has <mask>/<pos> tokens but no mask features were given")
+            mask_tokens, spatial_tokens = self.mask_extractor(mask_pooled, mask_grid)
+            embeds = splice(embeds, input_ids, self.mask_token_id, mask_tokens, MASK_TOKEN)
+            embeds = splice(embeds, input_ids, self.pos_token_id, spatial_tokens, POS_TOKEN)
+        return embeds
+
+    def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (
+            (input_ids == self.img_token_id)
+            | (input_ids == self.mask_token_id)
+            | (input_ids == self.pos_token_id)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vision: torch.Tensor,
+        mask_pooled: torch.Tensor | None = None,
+        mask_grid: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **_: Any,
+    ):
+        embeds = self.build_inputs_embeds(input_ids, vision, mask_pooled, mask_grid)
+        if labels is not None:  # never learn to predict a placeholder
+            labels = labels.masked_fill(self.placeholder_mask(input_ids), IGNORE_INDEX)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], max_new_tokens: int = 256) -> list[str]:
+        """Greedy decoding of a left-padded batch (see model.data.Collator(padding_side='left'))."""
+        input_ids = batch["input_ids"]
+        if input_ids.shape[0] > 1 and bool((batch["attention_mask"][:, -1] == 0).any()):
+            raise ValueError("generate needs a left-padded batch")
+        device = next(self.connector.parameters()).device
+        input_ids = input_ids.to(device)
+        attention_mask = batch["attention_mask"].to(device)
+        embeds = self.build_inputs_embeds(
+            input_ids,
+            batch["vision"].to(device),
+            None if batch.get("mask_pooled") is None else batch["mask_pooled"].to(device),
+            None if batch.get("mask_grid") is None else batch["mask_grid"].to(device),
+        )
+        tok = self.tokenizer
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            suppress_tokens=[self.img_token_id, self.mask_token_id, self.pos_token_id],
+            use_cache=True,
+        )
+        # decoder-only generate on inputs_embeds returns only the new tokens
+        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+    # --- persistence ----------------------------------------------------------------------------
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """Tokenizer, adapter, connector + mask extractor, then medregion_config.json (completeness mark)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).unlink(missing_ok=True)  # an overwritten folder is incomplete until the end
+        for sub in (TOKENIZER_DIR, ADAPTER_DIR):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        self.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+        if self.has_lora:
+            self.llm.save_pretrained(str(out / ADAPTER_DIR), save_embedding_layers=False)
+        own = {
+            k: v.detach().to("cpu").contiguous()
+            for k, v in self.state_dict().items()
+            if k.startswith(("connector.", "mask_extractor."))
+        }
+        tmp = out / (WEIGHTS_NAME + ".tmp")
+        save_file(own, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / WEIGHTS_NAME)
+        cfg = self.config.to_dict()
+        cfg["llm_path"] = _portable_path(self.config.llm_path, out)
+        tmp = out / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+        os.replace(tmp, out / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> MedRegionCT:
+        """Load a folder written by save_pretrained, ready for generation (eval mode)."""
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        cfg_path = model_dir / CONFIG_NAME
+        if not cfg_path.exists():
+            raise FileNotFoundError(
+                f"{model_dir}: no {CONFIG_NAME} (not a MedRegion-CT folder, or incomplete)"
+            )
+        d = json.loads(cfg_path.read_text())
+        d["llm_path"] = resolve_llm_path(d["llm_path"], model_dir)
+        config = MedRegionCTConfig.from_dict(d)
+        llm, _ = load_llm(config.llm_path, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir / TOKENIZER_DIR))
+        model = cls(config, llm, tokenizer)
+        if (model_dir / ADAPTER_DIR).exists():
+            from peft import PeftModel
+
+            model.llm = PeftModel.from_pretrained(model.llm, str(model_dir / ADAPTER_DIR), is_trainable=False)
+        model.load_own_weights(model_dir / WEIGHTS_NAME, strict=True)
+        model.set_trainable(config.stage)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    def load_own_weights(
+        self, path: str | os.PathLike, strict: bool = True, prefixes=("connector.", "mask_extractor.")
+    ) -> list[str]:
+        """Load connector / mask extractor weights from a connector_mask.safetensors; returns loaded keys."""
+        state = {k: v for k, v in load_file(str(path)).items() if k.startswith(tuple(prefixes))}
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(tuple(prefixes))}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if strict and (missing or unexpected):
+            raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for k in state.keys() & own.keys():
+            if state[k].shape != own[k].shape:
+                raise ValueError(
+                    f"{path}: {k} has shape {tuple(state[k].shape)}, network has {tuple(own[k].shape)}"
+                )
+        self.load_state_dict(state, strict=False)
+        return sorted(state)
+
+
+def load_llm(path: str, dtype: torch.dtype | None = None):
+    """Base causal LM + tokenizer from a local folder (or hub id when online); never remote code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return llm, tokenizer
+
+
+def _portable_path(llm_path: str, out_dir: Path) -> str:
+    """Record a local LM folder relative to the output folder (so results/ can move as a whole)."""
+    p = Path(llm_path)
+    if not p.exists():
+        return llm_path  # hub id
+    try:
+        return os.path.relpath(p.resolve(), out_dir.resolve())
+    except ValueError:  # other drive on Windows
+        return str(p.resolve())
+
+
+def resolve_llm_path(recorded: str, model_dir: Path) -> str:
+    p = Path(recorded)
+    if p.is_absolute():
+        return str(p)
+    candidate = (Path(model_dir) / p).resolve()
+    if candidate.exists():
+        return str(candidate)
+    if p.exists():
+        return str(p.resolve())
+    return recorded  # a hub id

@@ -1,0 +1,408 @@
+"""Train MedRegion-CT, one stage per run (paper Sec. 2 "Training").
+
+    accelerate launch --config_file config/accelerate/cpu.yaml -m model.train \\
+        --stage 1 --params-json '{"epochs": 3}' \\
+        --features results/features/enc/shard-*.zarr --attributes results/attributes/shard-*.parquet \\
+        --train-reports results/reports/train.parquet --val-reports results/reports/validation.parquet \\
+        --llm path/to/llm --out results/experiments/full/stage1
+
+Stage 1 trains the connector on full findings (LM frozen); stage 2 (`--init <stage1 out>`) trains
+connector + mask extractor + LoRA on the structured 6-region target. Single process works with plain
+`python -m model.train`. `--resume` continues from the latest complete checkpoint in <out>/checkpoints.
+The run's result is <out>/medregion_config.json (written last by save_pretrained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULTS = {
+    "epochs": 3,
+    "lr": None,  # stage 1: 1e-4, stage 2: 2e-5 (paper)
+    "batch_size": None,  # stage 1: 4, stage 2: 1 (paper: 4 x 8 and 1 x 8)
+    "grad_accum": 8,
+    "warmup_ratio": 0.03,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "max_length": 2048,
+    "seed": 0,
+    "use_mask_tokens": True,
+    "use_attributes": True,
+    "connector": "linear",
+    "mask_hidden": 1024,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.1,
+    "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "pooling": "r2",
+    "gradient_checkpointing": False,
+    "llm_dtype": "auto",  # auto: bf16 weights when the accelerate config says bf16, else fp32
+    "checkpoint_every": 500,  # optimizer steps; 0 = no intermediate checkpoints
+    "keep_checkpoints": 2,
+    "log_every": 10,
+    "num_workers": 0,
+    "stop_after_steps": None,  # stop (as if interrupted) after N optimizer steps; schedule unchanged
+}
+STAGE_DEFAULTS = {1: {"lr": 1e-4, "batch_size": 4}, 2: {"lr": 2e-5, "batch_size": 1}}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    ap.add_argument("--params-json", default="{}", help="JSON object of training parameters (see DEFAULTS)")
+    ap.add_argument("--features", nargs="+", required=True, help="feature shards (*.zarr)")
+    ap.add_argument("--attributes", nargs="*", default=[], help="attribute parquet(s) with volume_id, prompt")
+    ap.add_argument("--train-reports", required=True)
+    ap.add_argument("--val-reports", required=True)
+    ap.add_argument("--llm", required=True, help="base causal LM folder (or hub id)")
+    ap.add_argument("--init", default=None, help="stage-1 output folder whose connector starts stage 2")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    return ap.parse_args(argv)
+
+
+def resolve_params(stage: int, params_json: str) -> dict:
+    given = json.loads(params_json) if params_json else {}
+    if not isinstance(given, dict):
+        raise SystemExit("--params-json must be a JSON object")
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise SystemExit(f"unknown training parameter(s): {unknown}; known: {sorted(DEFAULTS)}")
+    params = {**DEFAULTS, **given}
+    for k, v in STAGE_DEFAULTS[stage].items():
+        if params[k] is None:
+            params[k] = v
+    return params
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """Highest step-N folder that was renamed into place (a *.tmp folder is an interrupted save)."""
+    best, best_step = None, -1
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if (
+                p.is_dir()
+                and p.name.startswith("step-")
+                and p.name[5:].isdigit()
+                and (p / "trainer_state.json").exists()
+            ) and int(p.name[5:]) > best_step:
+                best, best_step = p, int(p.name[5:])
+    return best
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(log_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_log(log_path)
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (target tokens)")
+    ax.set_title(png_path.parent.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    p = resolve_params(args.stage, args.params_json)
+    out = Path(args.out)
+
+    # ---- accelerator, seed -------------------------------------------------------------------
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from model.data import Collator, LengthGroupedBatchSampler, build_dataset
+    from model.network import WEIGHTS_NAME, MedRegionCT, MedRegionCTConfig
+    from pipeline.feature_store import FeatureStore
+
+    # without a GPU, say cpu=True: otherwise `torchrun --nproc_per_node N` on CPU gives N unrelated
+    # single-process runs instead of N gloo ranks
+    accelerator = Accelerator(gradient_accumulation_steps=p["grad_accum"], cpu=not torch.cuda.is_available())
+    is_main = accelerator.is_main_process
+    set_seed(p["seed"])
+    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if is_deepspeed:  # our loaders use a batch sampler, so DeepSpeed cannot infer the micro-batch
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = p[
+            "batch_size"
+        ]
+    out.mkdir(parents=True, exist_ok=True)
+    log_path, ckpt_dir = out / "train_log.jsonl", out / "checkpoints"
+
+    # ---- model -------------------------------------------------------------------------------
+    store = FeatureStore(args.features)
+    probe = store[store.volume_ids[0]]
+    config = MedRegionCTConfig(
+        llm_path=args.llm,
+        encoder_hidden=int(probe["global"].shape[-1]),
+        n_global=int(probe["global"].shape[0]),
+        n_region=int(probe["region"].shape[0]),
+        n_masks=int(probe["mask_pooled"].shape[0]),
+        levels=int(probe["mask_pooled"].shape[1]),
+        mask_grid=tuple(int(s) for s in probe["mask_grid"].shape[1:]),
+        connector=p["connector"],
+        mask_hidden=p["mask_hidden"],
+        use_mask_tokens=p["use_mask_tokens"],
+        use_attributes=p["use_attributes"],
+        pooling=p["pooling"],
+        stage=args.stage,
+        lora_r=p["lora_r"],
+        lora_alpha=p["lora_alpha"],
+        lora_dropout=p["lora_dropout"],
+        lora_targets=tuple(p["lora_targets"]),
+        max_length=p["max_length"],
+        extra={"features": {k: v for k, v in store.attrs.items() if isinstance(v, (str, int, float, bool))}},
+    )
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}[p["llm_dtype"]]
+    if dtype is None:
+        dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    model = MedRegionCT.from_config(config, dtype=dtype)
+    if args.init:  # stage 2 starts from stage 1's connector
+        loaded = model.load_own_weights(
+            Path(args.init) / WEIGHTS_NAME, strict=False, prefixes=("connector.",)
+        )
+        if not loaded:
+            raise SystemExit(f"{args.init}: no connector weights in {WEIGHTS_NAME}")
+    if p["gradient_checkpointing"]:
+        model.enable_gradient_checkpointing()
+    n_train = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    n_all = sum(x.numel() for x in model.parameters())
+
+    # ---- data --------------------------------------------------------------------------------
+    def dataset(reports):
+        return build_dataset(
+            args.features,
+            args.attributes,
+            reports,
+            model.tokenizer,
+            stage=args.stage,
+            use_mask_tokens=config.prompt_uses_masks,
+            use_attributes=config.prompt_uses_attributes,
+            n_vision=config.n_vision,
+            max_length=p["max_length"],
+            store=store,
+        )
+
+    train_ds, val_ds = dataset(args.train_reports), dataset(args.val_reports)
+    collate = Collator(model.tokenizer.pad_token_id, padding_side="right")
+    train_sampler = LengthGroupedBatchSampler(train_ds.lengths, p["batch_size"], seed=p["seed"])
+    val_sampler = LengthGroupedBatchSampler(val_ds.lengths, p["batch_size"], shuffle=False)
+    # own generators: creating a loader iterator then draws from them, not from the global RNG stream,
+    # so a resumed run (which creates a different number of iterators) replays the same dropout masks
+    loader_kw = {"collate_fn": collate, "num_workers": p["num_workers"]}
+    train_loader = torch.utils.data.DataLoader(
+        train_ds, batch_sampler=train_sampler, generator=torch.Generator().manual_seed(p["seed"]), **loader_kw
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_ds, batch_sampler=val_sampler, generator=torch.Generator().manual_seed(p["seed"] + 1), **loader_kw
+    )
+
+    # ---- optimizer, schedule -----------------------------------------------------------------
+    trainable = [(n, x) for n, x in model.named_parameters() if x.requires_grad]
+    groups = [
+        {"params": [x for n, x in trainable if x.ndim >= 2], "weight_decay": p["weight_decay"]},
+        {"params": [x for n, x in trainable if x.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=p["lr"])
+    # each process sees ceil(batches / processes) batches; Accelerate steps a prepared scheduler once per
+    # process per optimizer step, so the schedule is laid out in process-steps
+    batches_per_process = math.ceil(len(train_sampler) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / p["grad_accum"])
+    total_steps = steps_per_epoch * p["epochs"]
+    nproc = accelerator.num_processes
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(p["warmup_ratio"] * total_steps) * nproc, total_steps * nproc
+    )
+    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, scheduler
+    )
+    if len(train_loader) != batches_per_process:
+        raise RuntimeError(
+            f"expected {batches_per_process} batches per process, loader has {len(train_loader)}"
+        )
+
+    # checkpoints hold the trainable tensors only, never a copy of the frozen LM
+    def keep_trainable(models, weights, output_dir):
+        for i, m in enumerate(models):
+            names = {n for n, x in m.named_parameters() if x.requires_grad}
+            weights[i] = {k: v for k, v in weights[i].items() if k in names}
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+
+    def save_checkpoint(step: int, epoch: int, batches_done: int) -> None:
+        final, tmp = ckpt_dir / f"step-{step}", ckpt_dir / f"step-{step}.tmp"
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        kw = {"exclude_frozen_parameters": True} if is_deepspeed else {}
+        accelerator.save_state(str(tmp), **kw)
+        accelerator.wait_for_everyone()
+        if is_main:
+            state = {"step": step, "epoch": epoch, "batches_done": batches_done, "params": p}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            done = sorted(
+                (c for c in ckpt_dir.glob("step-*") if c.name[5:].isdigit()), key=lambda c: int(c.name[5:])
+            )
+            for old in done[: -p["keep_checkpoints"]] if p["keep_checkpoints"] > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    # ---- resume ------------------------------------------------------------------------------
+    global_step, start_epoch, skip_batches = 0, 0, 0
+    if args.resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        kw = {"load_module_strict": False} if is_deepspeed else {"strict": False}
+        accelerator.load_state(str(ckpt), **kw)
+        global_step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_done"]
+        if skip_batches >= len(train_loader):
+            start_epoch, skip_batches = start_epoch + 1, 0
+        if is_main:  # drop log lines of work after the checkpoint: it is done again
+            recs = [r for r in read_log(log_path) if r.get("step", 0) <= global_step]
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    elif is_main and log_path.exists():
+        log_path.unlink()
+
+    def log(record: dict) -> None:
+        if is_main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    log(
+        {
+            "event": "resume" if global_step else "start",
+            "step": global_step,
+            "stage": args.stage,
+            "trainable_params": n_train,
+            "total_params": n_all,
+            "train_volumes": len(train_ds),
+            "val_volumes": len(val_ds),
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "params": p,
+        }
+    )
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        # validation must not move the training RNG stream (a resumed run skips it), so fork it
+        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return _evaluate()
+
+    def _evaluate() -> float:
+        model.eval()
+        total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+        for batch in val_loader:
+            loss = model(**batch).loss
+            n = (batch["labels"][:, 1:] != -100).sum()
+            total += loss.float() * n
+            count += n
+        total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+        model.train()
+        return (total / count.clamp(min=1)).item()
+
+    # ---- training loop -----------------------------------------------------------------------
+    bar = tqdm(total=total_steps, initial=global_step, disable=not is_main, desc=f"stage {args.stage}")
+    run_loss, run_n, t0, stopped = 0.0, 0, time.time(), False
+    model.train()
+    for epoch in range(start_epoch, p["epochs"]):
+        train_sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        loader, first = train_loader, 0
+        if epoch == start_epoch and skip_batches:
+            loader, first = accelerator.skip_first_batches(train_loader, skip_batches), skip_batches
+            loader.set_epoch(epoch)
+        for bi, batch in enumerate(loader, start=first):
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and p["max_grad_norm"]:
+                    accelerator.clip_grad_norm_([x for _, x in trainable], p["max_grad_norm"])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            run_loss += loss.detach().float().item()
+            run_n += 1
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            bar.update(1)
+            if global_step % p["log_every"] == 0 or global_step == total_steps:
+                mean = accelerator.reduce(
+                    torch.tensor(run_loss / run_n, device=accelerator.device), "mean"
+                ).item()
+                log(
+                    {
+                        "step": global_step,
+                        "epoch": epoch + (bi + 1) / len(train_loader),
+                        "loss": mean,
+                        "lr": scheduler.get_last_lr()[0],
+                        "elapsed_s": round(time.time() - t0, 2),
+                    }
+                )
+                bar.set_postfix(loss=f"{mean:.3f}")
+                run_loss, run_n = 0.0, 0
+            if p["checkpoint_every"] and global_step % p["checkpoint_every"] == 0:
+                save_checkpoint(global_step, epoch, bi + 1)
+            if p["stop_after_steps"] and global_step >= p["stop_after_steps"]:
+                stopped = True
+                break
+        if stopped:
+            break
+        val_loss = evaluate()
+        log({"step": global_step, "epoch": epoch + 1, "val_loss": val_loss})
+        if is_main:
+            bar.write(f"epoch {epoch + 1}: validation loss {val_loss:.4f}")
+    bar.close()
+
+    # ---- finish ------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if is_main:
+        plot_loss(log_path, out / "loss.png")
+    if stopped:
+        log({"event": "stopped", "step": global_step})
+        return 0
+    log({"event": "done", "step": global_step, "elapsed_s": round(time.time() - t0, 2)})
+    if is_main:
+        accelerator.unwrap_model(model).save_pretrained(out)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
