@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import logging
 import os
 import shutil
+import struct
+import zlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,11 +67,60 @@ def write_json(obj: Any, path: Path | str) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _nifti_expected_size(head: bytes) -> int | None:
+    """Bytes a single-file NIfTI-1/2 occupies uncompressed (header + extensions + voxels), if known."""
+    for endian in ("<", ">"):
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            dim = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+        elif len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dim = struct.unpack(endian + "8q", head[16:80])
+            offset = struct.unpack(endian + "q", head[168:176])[0]
+        else:
+            continue
+        n = 1
+        for d in dim[1 : 1 + max(0, min(int(dim[0]), 7))]:
+            n *= max(int(d), 1)
+        return max(offset, 352) + n * bitpix // 8
+    return None
+
+
+def check_gzip_complete(path: Path, volume_id: str) -> None:
+    """Reject a truncated or corrupt .nii.gz before ITK reads it.
+
+    ITK's NIfTI reader zero-fills a truncated gzip stream without any error, so a half-copied volume
+    would silently become a scan with an empty lower half. The gzip trailer holds the uncompressed
+    size (mod 2^32); when it disagrees with the size the NIfTI header implies, the whole stream is
+    decompressed to tell a multi-member file from a broken one.
+    """
+    try:
+        with gzip.open(path, "rb") as fh:
+            head = fh.read(544)
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            trailer = struct.unpack("<I", fh.read(4))[0]
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"volume {volume_id}: {path} is not a readable gzip file ({exc})") from None
+    expected = _nifti_expected_size(head)
+    if expected is None or expected % 2**32 == trailer:
+        return
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"volume {volume_id}: {path} is truncated or corrupt ({exc})") from None
+
+
 def read_image(path: Path | str, volume_id: str) -> sitk.Image:
     """Read a NIfTI/NRRD/MHA image, turning any reader failure into an InputError naming both."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"volume {volume_id}: file not found: {path}")
+    if path.name.endswith(".nii.gz"):
+        check_gzip_complete(path, volume_id)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
