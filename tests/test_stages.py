@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO, write_image
+
 from pipeline import attributes, cohort, features, regions, reports
 from pipeline.constants import CHANNELS, REGIONS, TOKEN_MASKS
 from pipeline.io import InputError

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-
 from conftest import REPO
+
 from pipeline.constants import CTRATE_CLASSES, REGIONS, TOKEN_MASKS
 from pipeline.feature_store import FEATURE_ARRAYS, FeatureStore
 

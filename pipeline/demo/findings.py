@@ -131,7 +131,7 @@ def plant_pleural_effusion(ph: Phantom, rng: np.random.Generator) -> Finding | N
         d = int(rng.integers(5, 15))
         hemi = lung & ((X < 0) if sd == "right" else (X > 0))
         ymax = np.where(hemi, np.broadcast_to(Y, hemi.shape), -np.inf).max(axis=(1, 2))  # per slice
-        fluid = hemi & (Y > (ymax - d)[:, None, None]) & (T < 0.75)
+        fluid = hemi & ((ymax - d)[:, None, None] < Y) & (T < 0.75)
         if fluid.any():
             ph.labels[fluid] = L_PLEURAL
             depth[sd] = d

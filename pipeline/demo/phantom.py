@@ -275,7 +275,7 @@ def build_phantom(grid: Grid, s: float, p: dict[str, float], rng: np.random.Gene
     taper = _taper(T)
     cavity = (X / (cbx * taper)) ** 2 + (Y / (cby * taper)) ** 2 <= 1.0
     dome = (p["dome"] + 0.03 / (1.0 + np.exp(X / 3.0)) - 0.10 * (Y / cby) - 0.10 * (X / cbx) ** 2)
-    above = T > dome
+    above = dome < T
     labels[cavity & above] = L_MED
     labels[cavity & ~above] = L_ABD
 
@@ -286,11 +286,11 @@ def build_phantom(grid: Grid, s: float, p: dict[str, float], rng: np.random.Gene
     band = np.abs(X - 0.02 * s) < band_w
     paraspinal = X**2 + (Y - ys) ** 2 < (0.19 * s) ** 2
     lung = cavity & above & ~band & ~paraspinal
-    lower = T < p["fiss_f0"] + p["fiss_f1"] * (Y / cby)
+    lower = p["fiss_f0"] + p["fiss_f1"] * (Y / cby) > T
     right = np.broadcast_to(X < 0, grid.shape)
     labels[lung & right & lower] = L_RLL
-    labels[lung & right & ~lower & (T < p["fiss_h0"])] = L_RML
-    labels[lung & right & ~lower & (T >= p["fiss_h0"])] = L_RUL
+    labels[lung & right & ~lower & (p["fiss_h0"] > T)] = L_RML
+    labels[lung & right & ~lower & (p["fiss_h0"] <= T)] = L_RUL
     labels[lung & ~right & lower] = L_LLL
     labels[lung & ~right & ~lower] = L_LUL
 
@@ -410,8 +410,8 @@ def build_phantom(grid: Grid, s: float, p: dict[str, float], rng: np.random.Gene
     cy = ys + 0.16 * s
     rc2 = X**2 + (Y - cy) ** 2
     canal = rc2 <= (0.045 * s) ** 2
-    arch = (rc2 <= (0.085 * s) ** 2) & ~canal & (Y >= cy - 0.02 * s)
-    spinous = (np.abs(X) < 0.022 * s) & (Y >= cy) & (Y <= cy + 0.15 * s)
+    arch = (rc2 <= (0.085 * s) ** 2) & ~canal & (cy - 0.02 * s <= Y)
+    spinous = (np.abs(X) < 0.022 * s) & (cy <= Y) & (cy + 0.15 * s >= Y)
     transverse = (np.abs(Y - cy + 0.01 * s) < 0.025 * s) & (np.abs(X) < 0.19 * s)
     post = arch | spinous | transverse
     labels[np.broadcast_to(body, grid.shape) & disc] = L_DISC

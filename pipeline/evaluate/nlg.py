@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Sequence
 from importlib import metadata
-from typing import Sequence
 
 EMPTY_PLACEHOLDER = "emptyreport"
 
@@ -114,7 +114,7 @@ class MeteorScorer:
             except OSError:
                 pass
 
-    def __enter__(self) -> "MeteorScorer":
+    def __enter__(self) -> MeteorScorer:
         return self
 
     def __exit__(self, *exc) -> None:

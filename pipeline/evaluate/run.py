@@ -35,8 +35,8 @@ import pandas as pd
 
 from pipeline.constants import CTRATE_CLASSES, REGIONS
 from pipeline.evaluate.clinical import clinical_scores
-from pipeline.evaluate.labeler import label_reports
 from pipeline.evaluate.labeler import IMPLEMENTATION as LABELER_IMPLEMENTATION
+from pipeline.evaluate.labeler import label_reports
 from pipeline.evaluate.nlg import IMPLEMENTATIONS as NLG_IMPLEMENTATIONS
 from pipeline.evaluate.nlg import NORMALISATION, MeteorScorer, nlg_scores
 
