@@ -17,6 +17,11 @@ validate(config, "workflow/schemas/config.schema.yaml")
 report: "workflow/report/workflow.rst"
 
 
+# Jobs that only gather files run on the submitting node, not as cluster jobs.
+localrules:
+    all,
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/cohort.smk"

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,3 +28,30 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+E2E_CONFIG = REPO / "tests" / "data" / "e2e_config.yaml"
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
+              timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    """Run the project's workflow with the end-to-end test config in `workdir`."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(E2E_CONFIG), "--cores", "2", *args]
+    env = {**(env or os.environ), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The end-to-end demo workflow, run once per test session; returns its working directory."""
+    import time
+
+    workdir = tmp_path_factory.mktemp("workflow")
+    t0 = time.perf_counter()
+    snakemake(workdir, "all")
+    (workdir / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    return workdir

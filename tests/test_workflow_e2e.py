@@ -7,41 +7,25 @@ parts of it (second invocation, one-stage rerun, a corrupted volume) in the same
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from conftest import REPO
+from conftest import snakemake
 
 from pipeline.constants import CTRATE_CLASSES, REGIONS, TOKEN_MASKS
 from pipeline.feature_store import FEATURE_ARRAYS, FeatureStore
 
 pytestmark = pytest.mark.slow
-TEST_CONFIG = REPO / "tests" / "data" / "e2e_config.yaml"
 N_CASES, SHARD_SIZE = 24, 8
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(TEST_CONFIG), "--cores", "2", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=1800)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = tmp_path_factory.mktemp("workflow")
-    snakemake(workdir, "all")
-    return workdir / "results"
+def run(demo_run: Path) -> Path:
+    return demo_run / "results"
 
 
 def test_every_stage_output_has_its_schema(run: Path) -> None:

@@ -1,0 +1,173 @@
+"""A real one-node SLURM cluster for tests: munged + slurmctld + slurmd from Debian's packages.
+
+Everything lives in a temporary folder (config, spool, logs, PID files); clients find the cluster
+through `SLURM_CONF`, so nothing under /etc/slurm is touched. Requires root (slurmd runs jobs as
+the submitting user) and `apt-get install slurm-wlm munge`. Works without systemd or cgroups
+(proctrack/linuxproc, task/none) and without an accounting database (Snakemake's SLURM executor
+then polls with squeue, which needs MinJobAge >= 600 s to see finished jobs).
+
+One fake GPU is declared through `gres.conf` (`File=/dev/null`), so GPU resources are scheduled as
+on a real GPU node.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Snakemake's slurm-jobstep executor drops SLURM_CONF before its nested `srun`, which then looks for
+# the default config path: the cluster links its config there for its lifetime (only if absent).
+ETC_CONF = Path("/etc/slurm/slurm.conf")
+REQUIRED = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol")
+
+
+def unavailable_reason() -> str | None:
+    """Why a local cluster cannot start here, or None."""
+    if os.geteuid() != 0:
+        return "the SLURM test cluster needs root (slurmd runs jobs as the submitting user)"
+    missing = [t for t in REQUIRED if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    if missing:
+        return f"SLURM/munge not installed (missing {missing}): apt-get install slurm-wlm munge"
+    if not Path("/etc/munge/munge.key").exists():
+        return "no munge key at /etc/munge/munge.key"
+    if ETC_CONF.exists() or ETC_CONF.is_symlink():
+        return f"{ETC_CONF} exists: this machine has a SLURM setup of its own; not touching it"
+    return None
+
+
+def _exe(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+@dataclass
+class LocalSlurm:
+    root: Path
+    cpus: int = 2
+    mem_mb: int = 8000
+    gpus: int = 1
+    partition: str = "debug"
+    pids: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.root / "slurm.conf")}
+
+    def write_config(self) -> None:
+        host = socket.gethostname().split(".")[0]
+        for sub in ("spool/ctld", "spool/d", "log", "run"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        gres_node = f"Gres=gpu:fake:{self.gpus}" if self.gpus else ""
+        (self.root / "gres.conf").write_text(
+            "AutoDetect=off\n" + "".join(f"NodeName={host} Name=gpu Type=fake File=/dev/null\n" for _ in range(self.gpus))
+        )
+        run, log = self.root / "run", self.root / "log"
+        (self.root / "slurm.conf").write_text(f"""\
+ClusterName=medregiontest
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={self.root}/munge/munge.sock
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+ReturnToService=2
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+StateSaveLocation={self.root}/spool/ctld
+SlurmdSpoolDir={self.root}/spool/d
+SlurmctldPidFile={run}/slurmctld.pid
+SlurmdPidFile={run}/slurmd.pid
+SlurmctldLogFile={log}/slurmctld.log
+SlurmdLogFile={log}/slurmd.log
+SlurmctldPort=16817
+SlurmdPort=16818
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+MinJobAge=600
+GresTypes=gpu
+NodeName={host} CPUs={self.cpus} RealMemory={self.mem_mb} {gres_node} State=UNKNOWN
+PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+
+    def start(self) -> None:
+        self.write_config()
+        ETC_CONF.parent.mkdir(parents=True, exist_ok=True)
+        ETC_CONF.symlink_to(self.root / "slurm.conf")
+        self._linked = True
+        # munged runs as the munge user and insists on owning its folders (and on a traversable path).
+        self.root.chmod(0o755)
+        munge = self.root / "munge"
+        munge.mkdir(mode=0o755, exist_ok=True)
+        os.chown(munge, _uid("munge"), -1)
+        subprocess.run(["runuser", "-u", "munge", "--", _exe("munged"), f"--socket={munge}/munge.sock",
+                        f"--pid-file={munge}/munged.pid", "--key-file=/etc/munge/munge.key",
+                        f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed"],
+                       check=True)
+        self.pids["munged"] = munge / "munged.pid"
+        run = self.root / "run"
+        env = self.env
+        subprocess.run([_exe("slurmctld"), "-i", "-f", str(self.root / "slurm.conf")], check=True, env=env)
+        self.pids["slurmctld"] = run / "slurmctld.pid"
+        self._wait(lambda: "UP" in self._out(["scontrol", "ping"]), "slurmctld")
+        subprocess.run([_exe("slurmd"), "-f", str(self.root / "slurm.conf")], check=True, env=env)
+        self.pids["slurmd"] = run / "slurmd.pid"
+        self._wait(lambda: self._out(["sinfo", "-h", "-o", "%t"]).strip() == "idle", "slurmd")
+
+    def _out(self, cmd: list[str]) -> str:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env)
+        return proc.stdout
+
+    def _wait(self, ok, what: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ok():
+                return
+            time.sleep(0.3)
+        logs = "\n".join(p.read_text()[-1500:] for p in (self.root / "log").glob("*.log"))
+        raise RuntimeError(f"{what} did not come up:\n{logs}")
+
+    def stop(self) -> None:
+        """Stop every daemon this cluster started, by PID, newest first; remove the config link."""
+        if getattr(self, "_linked", False) and ETC_CONF.is_symlink():
+            ETC_CONF.unlink()
+            self._linked = False
+        for name in ("slurmd", "slurmctld", "munged"):
+            pid_file = self.pids.pop(name, None)
+            if pid_file is None or not pid_file.exists():
+                continue
+            pid = int(pid_file.read_text().strip() or 0)
+            if pid <= 0:
+                continue
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+
+    def jobs(self) -> list[dict[str, str]]:
+        """Every job the cluster knows (finished ones stay visible for MinJobAge)."""
+        out = self._out(["squeue", "--states=all", "-h", "-o", "%i|%j|%T|%k"])
+        return [dict(zip(("id", "name", "state", "comment"), line.split("|"))) for line in out.splitlines() if line]
+
+
+def _uid(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_uid
