@@ -1,32 +1,52 @@
 """Patient-specific attributes (paper Sec. 3.4, Fig. 4 and 5) from the compact mask arrays.
 
-Organ volumes in ml = voxel count x voxel volume (mm^3) / 1000. Lesions (nodule, cyst, effusion):
-count = connected components (26-connectivity); diameter = the largest bounding-box extent of each
-component in mm; location = the lobe / kidney / side with the largest overlap after a small dilation
-(lesions such as effusions sit next to, not inside, the organ masks).
+Measured per volume, from `results/masks/shard-<k>.zarr`:
+- organ volumes: voxel count x voxel volume (mm^3) / 1000 -> ml, for the 5 lobes, 4 heart chambers,
+  liver and both kidneys;
+- lesions (nodule, cyst, effusion): connected components with 26-connectivity (faces, edges and
+  corners touch), components smaller than `min_lesion_mm3` dropped; per component its diameter =
+  the largest bounding-box extent in mm (voxel count along each axis x that axis' spacing: the
+  paper's Fig. 4 box, in physical units) and its location = the lobe / kidney / liver (cysts) or side
+  (effusions) with the largest overlap after a 3-voxel dilation (an effusion lies beside the lung,
+  not inside it); "undetermined" when nothing overlaps.
 
-Output `results/attributes/shard-<k>.parquet`: `volume_id`, one `<structure>_ml` column per attribute
-structure, `<lesion>_count`, `<lesion>_diameters_mm` (list), `<lesion>_locations` (list) and `prompt`,
-the rendered text block of Fig. 5.
+Parquet `results/attributes/shard-<k>.parquet`, one row per volume (schema `SCHEMA`, fixed even for an
+empty shard):
+  volume_id                 string
+  <structure>_ml            float64, 1 decimal; NaN when no input structure maps to that channel
+                            (e.g. heart chambers with TotalSegmentator), 12 columns, ATTRIBUTE_STRUCTURES
+  <lesion>_count            int32, components >= min_lesion_mm3 (3 columns: nodule, cyst, effusion)
+  <lesion>_diameters_mm     list<float64>, 1 decimal, largest first
+  <lesion>_locations        list<string>, same order as the diameters
+  <lesion>_assessed         bool: the segmentation provides that lesion channel at all
+  prompt                    string: the attribute block of Fig. 5 rendered from the columns above
+The file's metadata holds `min_lesion_mm3` and the channel table version.
+QC `results/qc/attributes/shard-<k>.parquet`: volume_id, stage, status, error.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import zarr
 from scipy import ndimage
-from skimage.measure import label as connected_components
 
-from pipeline.constants import ATTRIBUTE_STRUCTURES, HEART_CHAMBERS, LESIONS, LOBES
-from pipeline.io import setup_logging, write_parquet
+from pipeline.constants import ATTRIBUTE_STRUCTURES, CHANNELS, HEART_CHAMBERS, LESIONS, LOBES
+from pipeline.io import InputError, atomic_output, setup_logging, write_parquet
 from pipeline.regions import unpack_channel
 
-# Where a lesion of each kind is located: candidate structures (channel -> words in the prompt).
+DEFAULT_MIN_LESION_MM3 = 10.0
+LOCATION_PAD = 3  # voxels of dilation before measuring overlap
+
+# Where a lesion of each kind is located: candidate channels -> words in the prompt.
 LOCATION_CANDIDATES: dict[str, dict[str, str]] = {
     "nodule": {
         "right_upper_lobe": "right upper lobe",
@@ -52,96 +72,228 @@ PROMPT_NAMES: dict[str, str] = {
     "right_ventricle": "Right Ventricle",
 }
 
+SCHEMA = pa.schema(
+    [pa.field("volume_id", pa.string())]
+    + [pa.field(f"{s}_ml", pa.float64()) for s in ATTRIBUTE_STRUCTURES]
+    + [f for lesion in LESIONS for f in (
+        pa.field(f"{lesion}_count", pa.int32()),
+        pa.field(f"{lesion}_diameters_mm", pa.list_(pa.float64())),
+        pa.field(f"{lesion}_locations", pa.list_(pa.string())),
+        pa.field(f"{lesion}_assessed", pa.bool_()),
+    )]
+    + [pa.field("prompt", pa.string())]
+)
+QC_COLUMNS = ("volume_id", "stage", "status", "error")
 
-def volume_attributes(labels: np.ndarray, spacing_xyz: Sequence[float]) -> dict[str, object]:
+
+def channel_counts(labels: np.ndarray, channels: Sequence[str]) -> dict[str, int]:
+    """Voxels per channel: each byte of the packed word made contiguous once, then AND + count per bit."""
+    flat = np.ascontiguousarray(labels, dtype="<u4").reshape(-1)
+    as_bytes = flat.view(np.uint8).reshape(-1, 4)  # little-endian: column k holds bits 8k..8k+7
+    planes: dict[int, np.ndarray] = {}
+    tmp: dict[int, np.ndarray] = {}
+    out: dict[str, int] = {}
+    for name in channels:
+        bit = CHANNELS.index(name)
+        k = bit // 8
+        if k not in planes:
+            planes[k] = np.ascontiguousarray(as_bytes[:, k])
+            tmp[k] = np.empty_like(planes[k])
+        np.bitwise_and(planes[k], np.uint8(1 << (bit % 8)), out=tmp[k])
+        out[name] = int(np.count_nonzero(tmp[k]))
+    return out
+
+
+def boxed_counts(labels: np.ndarray, channels: Sequence[str], boxes: dict[str, Sequence[int]]) -> dict[str, int]:
+    """Voxels per channel, each counted inside its bounding box only (absent from `boxes` = empty)."""
+    out: dict[str, int] = {}
+    for name in channels:
+        box = boxes.get(name)
+        if box is None:
+            out[name] = 0
+            continue
+        z0, z1, y0, y1, x0, x1 = (int(v) for v in box)
+        sub = labels[z0:z1, y0:y1, x0:x1]
+        out[name] = int(np.count_nonzero(np.bitwise_and(sub, np.uint32(1 << CHANNELS.index(name)))))
+    return out
+
+
+def volume_attributes(labels: np.ndarray, spacing_xyz: Sequence[float],
+                      min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3,
+                      available: Sequence[str] | None = None,
+                      boxes: dict[str, Sequence[int]] | None = None) -> dict[str, object]:
+    """All attribute columns of one volume except `volume_id` and `prompt`.
+
+    `available`: channels the segmentation provides (None: all); others get NaN volumes / not assessed.
+    `boxes`: each non-empty channel's bounding box (z0, z1, y0, y1, x0, x1) as the regions stage
+    records it; when given, counting and lesion search look only inside them.
+    """
     spacing_zyx = np.asarray(spacing_xyz, dtype=float)[::-1]
-    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    voxel_mm3 = float(np.prod(spacing_zyx))
+    have = set(CHANNELS if available is None else available)
+    wanted = (*ATTRIBUTE_STRUCTURES, *LESIONS)
+    counts = channel_counts(labels, wanted) if boxes is None else boxed_counts(labels, wanted, boxes)
     attrs: dict[str, object] = {}
-    channel = {name: unpack_channel(labels, name) for name in (*ATTRIBUTE_STRUCTURES, *LESIONS)}
     for name in ATTRIBUTE_STRUCTURES:
-        attrs[f"{name}_ml"] = round(float(channel[name].sum()) * voxel_ml, 1)
+        attrs[f"{name}_ml"] = round(counts[name] * voxel_mm3 / 1000.0, 1) if name in have else math.nan
+    min_voxels = max(1, int(math.ceil(min_lesion_mm3 / voxel_mm3 - 1e-9))) if min_lesion_mm3 > 0 else 1
     for lesion in LESIONS:
-        labelled = connected_components(channel[lesion], connectivity=3)
-        diameters, locations = [], []
-        for idx, sl in enumerate(ndimage.find_objects(labelled), 1):
-            if sl is None:
-                continue
-            comp = labelled[sl] == idx
-            extent = np.array([s.stop - s.start for s in sl]) * spacing_zyx
-            diameters.append(round(float(extent.max()), 1))
-            locations.append(_locate(lesion, comp, sl, channel))
-        attrs[f"{lesion}_count"] = len(diameters)
-        attrs[f"{lesion}_diameters_mm"] = diameters
-        attrs[f"{lesion}_locations"] = locations
+        box = None if boxes is None or lesion not in boxes else _padded(boxes[lesion], labels.shape)
+        found = measure_lesions(labels, lesion, spacing_zyx, min_voxels, box) if counts[lesion] else []
+        found.sort(key=lambda d: -d[0])
+        attrs[f"{lesion}_count"] = len(found)
+        attrs[f"{lesion}_diameters_mm"] = [d for d, _ in found]
+        attrs[f"{lesion}_locations"] = [loc for _, loc in found]
+        attrs[f"{lesion}_assessed"] = lesion in have
     return attrs
 
 
-def _locate(lesion: str, comp: np.ndarray, sl: tuple[slice, ...], channel: dict[str, np.ndarray]) -> str:
-    # Grow the component's box by a margin so an adjacent organ (pleura next to lung) is counted.
-    pad = 3
-    big = tuple(slice(max(s.start - pad, 0), s.stop + pad) for s in sl)
-    grown = np.zeros(channel[lesion][big].shape, dtype=bool)
-    inner = tuple(slice(s.start - b.start, s.start - b.start + (s.stop - s.start)) for s, b in zip(sl, big))
-    grown[inner] = comp
-    grown = ndimage.binary_dilation(grown, iterations=pad)
+def _channel_box(labels: np.ndarray, channel: str, pad: int) -> tuple[slice, ...] | None:
+    """Bounding box (grown by `pad`) of one channel's voxels, found slab by slab."""
+    m = unpack_channel(labels, channel)
+    zs = np.flatnonzero(m.reshape(m.shape[0], -1).max(axis=1))
+    if not zs.size:
+        return None
+    z0, z1 = int(zs[0]), int(zs[-1]) + 1
+    m = m[z0:z1]
+    ys = np.flatnonzero(m.any(axis=(0, 2)))
+    xs = np.flatnonzero(m.any(axis=(0, 1)))
+    lo = (z0, int(ys[0]), int(xs[0]))
+    hi = (z1, int(ys[-1]) + 1, int(xs[-1]) + 1)
+    return tuple(slice(max(a - pad, 0), min(b + pad, n)) for a, b, n in zip(lo, hi, labels.shape))
+
+
+def _padded(box: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    z0, z1, y0, y1, x0, x1 = (int(v) for v in box)
+    pad = LOCATION_PAD
+    return tuple(slice(max(a - pad, 0), min(b + pad, n)) for a, b, n in zip((z0, y0, x0), (z1, y1, x1), shape))
+
+
+def measure_lesions(labels: np.ndarray, lesion: str, spacing_zyx: np.ndarray, min_voxels: int,
+                    box: tuple[slice, ...] | None = None) -> list[tuple[float, str]]:
+    """(diameter mm, location) per connected component (26-connectivity) of at least `min_voxels`."""
+    if box is None:
+        box = _channel_box(labels, lesion, LOCATION_PAD)
+    if box is None:
+        return []
+    sub = labels[box]
+    mask = unpack_channel(sub, lesion)
+    components, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return []
+    sizes = np.bincount(components.ravel(), minlength=n + 1)
+    out = []
+    for idx, sl in enumerate(ndimage.find_objects(components), 1):
+        if sl is None or sizes[idx] < min_voxels:
+            continue
+        extent = np.array([s.stop - s.start for s in sl]) * spacing_zyx
+        out.append((round(float(extent.max()), 1), _locate(lesion, components, idx, sl, sub)))
+    return out
+
+
+def _locate(lesion: str, components: np.ndarray, idx: int, sl: tuple[slice, ...], sub: np.ndarray) -> str:
+    pad = LOCATION_PAD
+    big = tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(sl, components.shape))
+    # LOCATION_PAD dilations with the 26-neighbourhood = one maximum filter of width 2 * pad + 1
+    grown = ndimage.maximum_filter((components[big] == idx).view(np.uint8), size=2 * pad + 1).view(bool)
+    local = sub[big]
     if lesion == "effusion":
-        scores = {side: sum(int((channel[c][big] & grown).sum()) for c in chans) for side, chans in _SIDES.items()}
+        scores = {side: sum(int((unpack_channel(local, c) & grown).sum()) for c in chans)
+                  for side, chans in _SIDES.items()}
         names = {"right": "right", "left": "left"}
     else:
-        scores = {c: int((channel[c][big] & grown).sum()) for c in LOCATION_CANDIDATES[lesion]}
+        scores = {c: int((unpack_channel(local, c) & grown).sum()) for c in LOCATION_CANDIDATES[lesion]}
         names = LOCATION_CANDIDATES[lesion]
     best = max(scores, key=lambda k: scores[k])
     return names[best] if scores[best] > 0 else "undetermined"
 
 
-def _fmt_list(values: Sequence[object]) -> str:
-    return ", ".join(str(v) for v in values) if len(values) else "none"
+def _fmt_ml(value: object) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{float(value):.1f} ml"
+
+
+def _fmt_list(values: Sequence[object], number: bool = False) -> str:
+    if not len(values):
+        return "none"
+    return ", ".join(f"{float(v):.1f}" if number else str(v) for v in values)
 
 
 def render_prompt(attrs: dict[str, object]) -> str:
-    """The attribute block of the paper's Fig. 5 (organ volumes, then lesion details)."""
+    """The attribute block of the paper's Fig. 5 (organ volumes, then lesion details).
+
+    Volumes and diameters always carry one decimal; "none" for absent lesions; "n/a" for a structure
+    the segmentation does not provide; "not assessed" for a lesion channel it does not provide.
+    """
     lines = ["Organ Volumes:", "Lung:"]
-    lines += [f"- {PROMPT_NAMES[n]}: {attrs[f'{n}_ml']} ml" for n in LOBES]
+    lines += [f"- {PROMPT_NAMES[n]}: {_fmt_ml(attrs[f'{n}_ml'])}" for n in LOBES]
     lines.append("Heart:")
-    lines += [f"- {PROMPT_NAMES[n]}: {attrs[f'{n}_ml']} ml" for n in HEART_CHAMBERS]
-    lines.append(f"Liver: {attrs['liver_ml']} ml")
-    lines += ["Kidney:", f"- Left: {attrs['left_kidney_ml']} ml", f"- Right: {attrs['right_kidney_ml']} ml"]
+    lines += [f"- {PROMPT_NAMES[n]}: {_fmt_ml(attrs[f'{n}_ml'])}" for n in HEART_CHAMBERS]
+    lines.append(f"Liver: {_fmt_ml(attrs['liver_ml'])}")
+    lines += ["Kidney:", f"- Left: {_fmt_ml(attrs['left_kidney_ml'])}", f"- Right: {_fmt_ml(attrs['right_kidney_ml'])}"]
     lines.append("Lesion Details:")
     for lesion in LESIONS:
+        lines.append(f"{lesion.capitalize()}:")
+        if not attrs.get(f"{lesion}_assessed", True):
+            lines.append("- not assessed")
+            continue
         lines += [
-            f"{lesion.capitalize()}:",
             f"- count: {attrs[f'{lesion}_count']}",
-            f"- diameter (mm): {_fmt_list(attrs[f'{lesion}_diameters_mm'])}",  # type: ignore[arg-type]
+            f"- diameter (mm): {_fmt_list(attrs[f'{lesion}_diameters_mm'], number=True)}",  # type: ignore[arg-type]
             f"- location: {_fmt_list(attrs[f'{lesion}_locations'])}",  # type: ignore[arg-type]
         ]
     return "\n".join(lines)
 
 
-def run_shard(masks_zarr: Path, out: Path) -> pd.DataFrame:
+def attributes_table(rows: list[dict[str, object]], min_lesion_mm3: float, table_version: object) -> pa.Table:
+    columns = {f.name: [r.get(f.name) for r in rows] for f in SCHEMA}
+    meta = {"min_lesion_mm3": json.dumps(min_lesion_mm3), "table_version": json.dumps(table_version),
+            "schema_doc": "pipeline.attributes module docstring"}
+    return pa.Table.from_pydict(columns, schema=SCHEMA.with_metadata(meta))
+
+
+def run_shard(masks_zarr: Path, out: Path, min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3,
+              qc_out: Path | None = None, on_error: str = "fail") -> pd.DataFrame:
     log = setup_logging()
     group = zarr.open_group(str(masks_zarr), mode="r")
-    rows = []
+    rows: list[dict[str, object]] = []
+    qc: list[dict[str, object]] = []
     ids = list(group.attrs["volume_ids"])
     for i, vid in enumerate(ids, 1):
-        arr = group[vid]
-        attrs = volume_attributes(np.asarray(arr[...]), arr.attrs["spacing"])
+        try:
+            arr = group[vid]
+            spacing = arr.attrs.get("spacing")
+            if spacing is None or len(spacing) != 3 or arr.ndim != 3:
+                raise InputError(f"volume {vid}: {masks_zarr}/{vid} is not a 3D mask array with a spacing")
+            attrs = volume_attributes(np.asarray(arr[...]), spacing, min_lesion_mm3,
+                                      arr.attrs.get("channels_available"), arr.attrs.get("channel_boxes"))
+        except InputError as exc:
+            if on_error != "skip":
+                raise
+            log.error("%s (skipped)", exc)
+            qc.append({"volume_id": vid, "stage": "attributes", "status": "error", "error": str(exc)})
+            continue
         attrs["prompt"] = render_prompt(attrs)
         rows.append({"volume_id": vid, **attrs})
+        qc.append({"volume_id": vid, "stage": "attributes", "status": "ok", "error": ""})
         log.info("[%d/%d] %s: nodules %d, cysts %d, effusions %d", i, len(ids), vid,
                  attrs["nodule_count"], attrs["cyst_count"], attrs["effusion_count"])
-    df = pd.DataFrame(rows)
-    if df.empty:
-        df = pd.DataFrame(columns=["volume_id", "prompt"])
-    write_parquet(df, out)
-    return df
+    table = attributes_table(rows, min_lesion_mm3, group.attrs.get("table_version"))
+    with atomic_output(out) as tmp:
+        pq.write_table(table, tmp)
+    if qc_out is not None:
+        write_parquet(pd.DataFrame(qc, columns=list(QC_COLUMNS)), qc_out)
+    return table.to_pandas()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--masks", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--qc", type=Path, help="per-volume QC table")
+    ap.add_argument("--min-lesion-mm3", type=float, default=DEFAULT_MIN_LESION_MM3)
+    ap.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     args = ap.parse_args(argv)
-    run_shard(args.masks, args.out)
+    run_shard(args.masks, args.out, args.min_lesion_mm3, args.qc, args.on_error)
 
 
 if __name__ == "__main__":

@@ -1,66 +1,187 @@
-"""Segment stage: make sure every volume of a shard has per-structure masks in SAT's layout.
+"""Segment stage: every volume of a shard gets per-structure masks on its CT grid, from a backend.
 
 Backends (config `segmentation.backend`):
-- `precomputed`: the dataset ships SAT masks (RadGenome-Chest CT, the demo): validate only: the
-  folder exists, holds `.nii.gz` files, and their headers sit on the CT's grid or overlap it.
+- `precomputed`: the dataset ships SAT masks (RadGenome-Chest CT, the demo), `seg_<volume>/<name>.nii.gz`:
+  validated only: CT readable, 3D, within the memory cap, finite; mask folder present with masks.
+- `sat`: SAT's raw output for the shard (written by the `sat_inference` rule, SAT's own environment)
+  is mapped back onto each CT's grid (`pipeline.sat.map_back`), into `<masks-out>/seg_<volume>/`.
+  `--step prepare` writes SAT's input jsonl instead (terms = every RadGenome name the table uses).
+- `totalsegmentator`: `TotalSegmentator --ml` per CT (`pipeline.totalseg`), one label map per volume
+  `<masks-out>/seg_<volume>.nii.gz`, class names from its class map; mapped by the table's
+  `totalsegmentator` vocabulary in the regions stage.
 
-The table written (`results/segment/shard-<k>.parquet`) lists, per volume, where its masks are and
-how many structures it has; the regions stage reads the masks from there.
+Table `results/segment/shard-<k>.parquet`, one row per volume: `volume_id`, `status` (ok / error),
+`error`, `backend`, `mask_path` (folder or label map), `mask_format` (folder / labelmap),
+`vocabulary`, `label_names` (JSON id -> name for label maps), `n_structures`, `note`. The regions
+stage reads masks from there and skips volumes with status error.
+QC `results/qc/segment/shard-<k>.parquet`: volume_id, stage, status, error.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+import SimpleITK as sitk
 
-from pipeline.io import InputError, setup_logging, write_parquet
-from pipeline.regions import MASK_SUFFIX
+from pipeline.cohort import validate_volume_id
+from pipeline.io import (
+    InputError,
+    check_finite,
+    check_gzip_complete,
+    check_memory,
+    image_array,
+    read_header_info,
+    read_image,
+    setup_logging,
+    write_parquet,
+)
+from pipeline.regions import (
+    DEFAULT_MEMORY_CAP_GB,
+    MASK_SUFFIX,
+    LabelTable,
+    bytes_per_voxel,
+    structure_files,
+)
+
+BACKENDS = ("precomputed", "sat", "totalsegmentator")
+TABLE_COLUMNS = ("volume_id", "status", "error", "backend", "mask_path", "mask_format", "vocabulary",
+                 "label_names", "n_structures", "note")
+QC_COLUMNS = ("volume_id", "stage", "status", "error")
 
 
-def validate_precomputed(volume_id: str, ct_path: Path, mask_dir: Path) -> dict[str, object]:
+def check_ct(volume_id: str, ct_path: Path, memory_cap_bytes: int | None) -> None:
+    """The CT is there, readable, 3D scalar, within the memory cap, complete, and finite."""
+    validate_volume_id(volume_id, "manifest")
     if not ct_path.is_file():
         raise InputError(f"volume {volume_id}: CT file not found: {ct_path}")
-    if not mask_dir.is_dir():
-        raise InputError(f"volume {volume_id}: mask folder not found: {mask_dir}")
-    names = sorted(p.name[: -len(MASK_SUFFIX)] for p in mask_dir.iterdir() if p.name.endswith(MASK_SUFFIX))
-    if not names:
-        raise InputError(f"volume {volume_id}: no {MASK_SUFFIX} masks in {mask_dir}")
-    return {"volume_id": volume_id, "mask_dir": str(mask_dir), "n_structures": len(names),
-            "status": "ok", "message": ""}
+    reader = read_header_info(ct_path, volume_id)
+    if reader.GetDimension() != 3:
+        raise InputError(f"volume {volume_id}: {ct_path} is {reader.GetDimension()}D, expected a 3D CT")
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(f"volume {volume_id}: {ct_path} has {reader.GetNumberOfComponents()} components per voxel")
+    check_memory(reader, ct_path, volume_id, memory_cap_bytes, bytes_per_voxel(2))
+    if ct_path.name.endswith(".nii.gz"):
+        check_gzip_complete(ct_path, volume_id)
+    # integer CTs cannot hold NaN: only float ones are decoded here, from the stored values
+    # (ITK's NIfTI reader silently turns NaN into 0)
+    if reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        check_finite(ct_path, volume_id)
+        image_array(read_image(ct_path, volume_id), ct_path, volume_id)  # other formats
 
 
-def run_shard(manifest: pd.DataFrame, shard: int, backend: str, out: Path, on_error: str) -> pd.DataFrame:
+def _row(volume_id: str, backend: str, **kw: object) -> dict[str, object]:
+    row: dict[str, object] = {"volume_id": volume_id, "status": "ok", "error": "", "backend": backend,
+                              "mask_path": "", "mask_format": "folder", "vocabulary": "radgenome",
+                              "label_names": "", "n_structures": 0, "note": ""}
+    row.update(kw)
+    return row
+
+
+def segment_volume(row: object, backend: str, cfg: dict[str, object], masks_out: Path | None,
+                   cap: int | None, names_json: str = "") -> dict[str, object]:
+    vid, ct_path = str(row.volume_id), Path(str(row.ct_path))  # type: ignore[attr-defined]
+    check_ct(vid, ct_path, cap)
+    if backend == "precomputed":
+        mask_dir = Path(str(row.mask_dir))  # type: ignore[attr-defined]
+        files = structure_files(mask_dir, vid)
+        return _row(vid, backend, mask_path=str(mask_dir), n_structures=len(files))
+    if backend == "sat":
+        from pipeline import sat
+
+        assert masks_out is not None
+        raw = Path(str(cfg["sat_raw"])) / str(cfg.get("dataset", sat.SAT_DATASET))
+        info = sat.map_back(vid, ct_path, raw, masks_out)
+        note = (f"SAT crop start {info['crop_start_xyz']} size {info['crop_size_xyz']}, "
+                f"alignment correlation {info['correlation']:.3f}")
+        return _row(vid, backend, mask_path=str(masks_out / f"seg_{vid}"), n_structures=info["n_structures"],
+                    note=note)
+    if backend == "totalsegmentator":
+        from pipeline import totalseg
+
+        assert masks_out is not None
+        out = masks_out / f"seg_{vid}{MASK_SUFFIX}"
+        totalseg.run(vid, ct_path, out, str(cfg.get("command") or totalseg.DEFAULT_COMMAND),
+                     [str(a) for a in cfg.get("args") or []])  # type: ignore[union-attr]
+        return _row(vid, backend, mask_path=str(out), mask_format="labelmap", vocabulary="totalsegmentator",
+                    label_names=names_json, n_structures=len(json.loads(names_json)))
+    raise ValueError(f"segmentation backend {backend!r} is not one of {BACKENDS}")
+
+
+def run_shard(manifest: pd.DataFrame, shard: int, backend: str, out: Path, on_error: str = "fail",
+              qc_out: Path | None = None, masks_out: Path | None = None, cfg: dict[str, object] | None = None,
+              memory_cap_gb: float = DEFAULT_MEMORY_CAP_GB) -> pd.DataFrame:
     log = setup_logging()
+    if backend not in BACKENDS:
+        raise ValueError(f"segmentation backend {backend!r} is not one of {BACKENDS}")
+    cfg = dict(cfg or {})
+    cap = int(memory_cap_gb * 2**30) if memory_cap_gb else None
+    names_json = ""
+    if backend == "totalsegmentator":
+        from pipeline import totalseg
+
+        names_json = json.dumps({str(k): v for k, v in totalseg.class_map(cfg.get("label_names")).items()})  # type: ignore[arg-type]
     if backend != "precomputed":
-        raise ValueError(f"segmentation backend {backend!r} is not available (use 'precomputed')")
-    rows = []
+        if masks_out is None:
+            raise ValueError(f"backend {backend} needs --masks-out")
+        masks_out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, object]] = []
     for row in manifest[manifest["shard"] == shard].itertuples(index=False):
         try:
-            rows.append(validate_precomputed(row.volume_id, Path(row.ct_path), Path(row.mask_dir)))
+            rows.append(segment_volume(row, backend, cfg, masks_out, cap, names_json))
         except InputError as exc:
             if on_error != "skip":
                 raise
             log.error("%s (skipped)", exc)
-            rows.append({"volume_id": row.volume_id, "mask_dir": row.mask_dir, "n_structures": 0,
-                         "status": "error", "message": str(exc)})
-    table = pd.DataFrame(rows, columns=["volume_id", "mask_dir", "n_structures", "status", "message"])
+            rows.append(_row(str(row.volume_id), backend, status="error", error=str(exc)))
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    if qc_out is not None:
+        qc = table.assign(stage="segment")[list(QC_COLUMNS)]
+        write_parquet(qc, qc_out)
     write_parquet(table, out)
-    log.info("shard %d: %d volumes checked (%s backend)", shard, len(table), backend)
+    log.info("shard %d: %d volumes, %d ok (%s backend)", shard, len(table), int((table["status"] == "ok").sum()),
+             backend)
     return table
+
+
+def prepare_sat(manifest: pd.DataFrame, shard: int, table: LabelTable, out_jsonl: Path) -> list[str]:
+    """SAT's input jsonl for the shard: every RadGenome term the label table maps to a channel."""
+    from pipeline import sat
+
+    terms = sorted(table.vocabulary("radgenome").bits)
+    rows = manifest[manifest["shard"] == shard]
+    for vid in rows["volume_id"]:
+        validate_volume_id(str(vid), "manifest")
+    sat.write_jsonl(list(rows["ct_path"]), terms, out_jsonl)
+    return terms
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--manifest", type=Path, required=True)
     ap.add_argument("--shard", type=int, required=True)
-    ap.add_argument("--backend", default="precomputed")
+    ap.add_argument("--backend", choices=BACKENDS, default="precomputed")
+    ap.add_argument("--step", choices=["segment", "prepare"], default="segment",
+                    help="prepare: write SAT's input jsonl (--out) and stop")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--qc", type=Path, help="per-volume QC table")
+    ap.add_argument("--masks-out", type=Path, help="where sat / totalsegmentator masks are written")
+    ap.add_argument("--table", type=Path, help="label table (config/regions.yaml), for --step prepare")
+    ap.add_argument("--params", default="{}", help="JSON: the backend's config section (+ sat_raw)")
+    ap.add_argument("--memory-cap-gb", type=float, default=DEFAULT_MEMORY_CAP_GB)
     ap.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     args = ap.parse_args(argv)
-    run_shard(pd.read_parquet(args.manifest), args.shard, args.backend, args.out, args.on_error)
+    manifest = pd.read_parquet(args.manifest)
+    if args.step == "prepare":
+        if args.table is None:
+            ap.error("--step prepare needs --table")
+        prepare_sat(manifest, args.shard, LabelTable.load(args.table), args.out)
+        return
+    run_shard(manifest, args.shard, args.backend, args.out, args.on_error, args.qc, args.masks_out,
+              json.loads(args.params), args.memory_cap_gb)
 
 
 if __name__ == "__main__":

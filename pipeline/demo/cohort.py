@@ -192,14 +192,21 @@ def _json_ready(obj: Any) -> Any:
     return obj
 
 
-def synthesize_case(spec: CaseSpec) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any], Grid, tuple]:
-    """-> (int16 HU array, mask name -> bool array, metadata record, grid, origin)."""
+def synthesize_case(spec: CaseSpec, exact_spacing: bool = False
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any], Grid, tuple]:
+    """-> (int16 HU array, mask name -> bool array, metadata record, grid, origin).
+
+    The voxel spacing varies a few percent around `spec.spacing` from case to case, unless
+    `exact_spacing` (the RadGenome-scale case: exactly RadGenome's 1 x 1 x 3 mm).
+    """
     prng = np.random.default_rng([spec.seed, spec.patient_serial, 1])        # patient: anatomy
     rng = np.random.default_rng([spec.seed, spec.patient_serial, 2, spec.scan_index])  # this scan
     params = sample_anatomy_params(prng)
     sx, _, sz = spec.spacing
     sxy = round(sx * rng.uniform(0.93, 1.10), 3)
     szz = round(sz * rng.uniform(0.92, 1.08), 3)
+    if exact_spacing:
+        sxy, szz = float(sx), float(sz)
     grid = Grid(spec.shape, (sxy, sxy, szz))
     s = 0.5 * spec.shape[2] * sx * 0.95                     # body scale from the nominal field of view
 

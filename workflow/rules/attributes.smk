@@ -1,8 +1,14 @@
 rule attributes:
+    wildcard_constraints:
+        shard=r"\d+",
     input:
         masks=f"{RES}/masks/shard-{{shard}}.zarr",
     output:
-        f"{RES}/attributes/shard-{{shard}}.parquet",
+        table=f"{RES}/attributes/shard-{{shard}}.parquet",
+        qc=f"{RES}/qc/attributes/shard-{{shard}}.parquet",
+    params:
+        min_lesion_mm3=config["attributes"]["min_lesion_mm3"],
+        on_error=config["on_error"],
     log:
         f"{RES}/logs/attributes/shard-{{shard}}.log",
     benchmark:
@@ -10,4 +16,5 @@ rule attributes:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.attributes --masks {input.masks} --out {output} > {log} 2>&1"
+        "python -m pipeline.attributes --masks {input.masks} --out {output.table} --qc {output.qc}"
+        " --min-lesion-mm3 {params.min_lesion_mm3} --on-error {params.on_error} > {log} 2>&1"

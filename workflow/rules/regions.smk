@@ -1,4 +1,6 @@
 rule regions:
+    wildcard_constraints:
+        shard=r"\d+",
     input:
         manifest=f"{RES}/cohort.parquet",
         segment=f"{RES}/segment/shard-{{shard}}.parquet",
@@ -6,17 +8,24 @@ rule regions:
     output:
         masks=directory(f"{RES}/masks/shard-{{shard}}.zarr"),
         qc=report(f"{RES}/qc/regions/shard-{{shard}}.parquet", caption="../report/regions.rst",
-                  category="QC"),
+                  category="QC", subcategory="regions"),
+        pictures=report(directory(f"{RES}/qc/regions/shard-{{shard}}"), patterns=["{volume}.png"],
+                        caption="../report/regions_picture.rst", category="QC", subcategory="region overlays"),
     params:
         on_error=config["on_error"],
+        cap=config["segmentation"]["memory_cap_gb"],
+        pictures=config["regions"]["qc_pictures"],
     log:
         f"{RES}/logs/regions/shard-{{shard}}.log",
     benchmark:
         f"{RES}/benchmarks/regions/shard-{{shard}}.tsv"
-    threads: 2
+    threads: config["regions"]["threads"]
+    resources:
+        mem_mb=4000,
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.regions --manifest {input.manifest} --shard {wildcards.shard}"
-        " --table {input.table} --out {output.masks} --qc {output.qc} --on-error {params.on_error}"
+        "python -m pipeline.regions --manifest {input.manifest} --shard {wildcards.shard} --segment {input.segment}"
+        " --table {input.table} --out {output.masks} --qc {output.qc} --pictures {output.pictures}"
+        " --n-pictures {params.pictures} --memory-cap-gb {params.cap} --on-error {params.on_error}"
         " --threads {threads} > {log} 2>&1"
