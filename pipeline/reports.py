@@ -4,7 +4,9 @@ Region texts come from RadGenome's grounded sentences (`Volumename, Anatomy, Sen
 element of an anatomy path (`lung/lung/right lung/...`) is rolled up to one of the six regions by the
 `report_regions` table of `config/regions.yaml`; rows with an empty anatomy hold the whole report and
 are not region text. A volume without grounded sentences gets its findings split into sentences and
-each sentence assigned by keywords (`classify_sentence`).
+every sentence assigned to a region (`pipeline.evaluate.sections`: organ terms, then finding terms, then
+the previous sentence's region); grounded "others" rows are placed by `classify_sentence` (dropped when
+they name no anatomy).
 
 Output `results/reports/<split>.parquet`: volume_id, patient_id, split, findings, impressions, the six
 region columns (REGIONS), `region_source` (grounded | keywords) and the 18 CT-RATE label columns.
@@ -21,31 +23,14 @@ import pandas as pd
 import yaml
 
 from pipeline.constants import CTRATE_CLASSES, REGIONS, SPLITS
+
+# The free-text sentence -> region classifier lives with the evaluation (it also splits merged predictions):
+# organ terms first, then finding terms, then the previous sentence's topic; see pipeline.evaluate.sections.
+from pipeline.evaluate.sections import assign_regions, classify_sentence, split_report, split_sentences
 from pipeline.io import InputError, setup_logging, write_parquet
 
-# Keywords that place a free-text sentence in a region; first match in REGIONS order of priority.
-_KEYWORDS: dict[str, tuple[str, ...]] = {
-    "airways": ("trachea", "bronch", "airway"),
-    "heart": ("heart", "cardi", "aort", "pericard", "coronary", "pulmonary arter", "vena cava", "vascular"),
-    "mediastinum": ("mediastin", "lymph", "esophag", "thyroid", "hiatal", "thymus"),
-    "osseous": ("bone", "vertebr", "rib", "sternum", "osseous", "spine", "lytic", "spondyl", "skelet"),
-    "abdomen": ("liver", "kidney", "renal", "spleen", "adrenal", "gallbladder", "pancrea", "stomach", "abdom", "hepat"),
-    "lung": ("lung", "lobe", "pleura", "nodul", "parenchym", "emphysem", "consolidat", "atelecta", "opacit", "effusion"),
-}
 KEYWORDS = "keywords"  # report_regions value: place each sentence by `classify_sentence`
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
-
-
-def classify_sentence(sentence: str) -> str | None:
-    low = sentence.lower()
-    for region in ("airways", "heart", "mediastinum", "osseous", "abdomen", "lung"):
-        if any(k in low for k in _KEYWORDS[region]):
-            return region
-    return None
-
-
-def split_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE.split(text or "") if s.strip()]
+__all__ = ["assign_regions", "classify_sentence", "split_report", "split_sentences"]
 
 
 def load_report_regions(table: Path) -> dict[str, str]:
@@ -84,12 +69,8 @@ def region_texts_from_grounded(
 
 
 def region_texts_from_keywords(findings: str) -> dict[str, str]:
-    parts: dict[str, list[str]] = {r: [] for r in REGIONS}
-    for sentence in split_sentences(findings):
-        region = classify_sentence(sentence)
-        if region is not None:
-            parts[region].append(sentence)
-    return {r: " ".join(s) for r, s in parts.items()}
+    """Every sentence of a free-text findings text placed in one of the six regions."""
+    return split_report(findings)
 
 
 def read_labels(paths: Sequence[Path]) -> pd.DataFrame:

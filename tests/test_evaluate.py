@@ -1,12 +1,14 @@
-"""Tests of pipeline.evaluate: NLG metrics, labeler, CA-F1, metrics.json CLI, ablation table CLI.
+"""Tests of pipeline.evaluate: NLG metrics, labeler, CA-F1, metrics.json CLI, bad inputs, ablation table.
 
 One METEOR JVM is shared by the whole module (fixture ``meteor``); the metrics CLI runs in-process with
-that scorer so the suite starts Java once.
+that scorer (``open_meteor`` patched) so the suite starts Java once. Adapters (GREEN, judge, RadBERT) are
+in test_evaluate_adapters.py, the snakemake wiring in test_evaluate_workflow.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,17 @@ from pipeline.constants import CTRATE_CLASSES, REGIONS
 from pipeline.evaluate import run as run_mod
 from pipeline.evaluate.clinical import clinical_scores
 from pipeline.evaluate.labeler import CLASSES, label_reports
-from pipeline.evaluate.nlg import EMPTY_PLACEHOLDER, MeteorScorer, nlg_scores, normalize_text
+from pipeline.evaluate.nlg import (
+    EMPTY_PLACEHOLDER,
+    METRIC_KEYS,
+    MeteorNotRun,
+    MeteorScorer,
+    MeteorUnavailable,
+    lcs_length,
+    nlg_scores,
+    normalize_text,
+    rouge_l,
+)
 
 REPO = Path(__file__).parents[1]
 CTRATE_CSV = REPO / ".." / "shared" / "data" / "ctrate-text-classifier" / "train.csv"
@@ -41,6 +53,14 @@ def meteor():
     scorer.close()
 
 
+@pytest.fixture
+def shared_meteor(meteor, monkeypatch):
+    """Make run.evaluate use the module's JVM instead of starting one."""
+    monkeypatch.setattr(run_mod, "open_meteor", lambda java=None: meteor)
+    monkeypatch.setattr(meteor, "close", lambda: None)  # instance attribute: fixture teardown still closes
+    return meteor
+
+
 def _label(text: str) -> dict[str, int]:
     return dict(zip(CLASSES, label_reports([text])[0].tolist()))
 
@@ -58,30 +78,67 @@ def test_normalize_text_strips_separators_and_handles_empty():
 
 def test_identical_texts_score_high(meteor):
     s = nlg_scores([REF_A, REF_B], [REF_A, REF_B], meteor=meteor)
-    assert set(s) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"}
-    assert s["BLEU-4"]["value"] == pytest.approx(1.0, abs=1e-6)
-    assert s["ROUGE-L"]["value"] == pytest.approx(1.0, abs=1e-6)
-    assert s["METEOR"]["value"] > 0.9
+    assert set(s) == set(METRIC_KEYS)
+    for key in ("BLEU-4", "BLEU-4 report-mean", "ROUGE-L"):
+        assert s[key]["value"] == pytest.approx(1.0, abs=1e-6), key
+    assert s["METEOR-NLTK report-mean"]["value"] > 0.99  # one chunk: penalty 0.5 / m^3
+    assert s["METEOR"]["value"] > 0.9 and s["METEOR report-mean"]["value"] > 0.9
     for name, m in s.items():
-        assert m["implementation"].startswith("pycocoevalcap"), name
+        assert m["implementation"] and m["averaging"] in ("corpus", "report-mean"), name
+    assert s["BLEU-4"]["averaging"] == "corpus" and s["BLEU-4 report-mean"]["averaging"] == "report-mean"
+    assert s["METEOR"]["averaging"] == "corpus" and "jar" in s["METEOR"]["implementation"]
+    assert "NLTK" in s["METEOR-NLTK report-mean"]["implementation"]
 
 
 def test_disjoint_texts_score_near_zero(meteor):
     s = nlg_scores([REF_A, REF_B], [DISJOINT, DISJOINT], meteor=meteor)
-    assert s["BLEU-4"]["value"] < 1e-3
-    assert s["BLEU-1"]["value"] < 1e-3
+    for key in ("BLEU-1", "BLEU-4", "BLEU-4 report-mean", "METEOR-NLTK report-mean"):
+        assert s[key]["value"] < 1e-3, key
     assert s["ROUGE-L"]["value"] < 0.05
     assert s["METEOR"]["value"] < 0.05
+
+
+def test_corpus_and_report_mean_differ_and_are_labelled(meteor):
+    # one long good pair and one short bad pair: corpus BLEU weighs by length, the report mean does not
+    refs = [REF_A + " " + REF_B, "Heart size is normal."]
+    hyps = [REF_A + " " + REF_B, "Kidney stone."]
+    s = nlg_scores(refs, hyps, meteor=meteor, per_pair=True)
+    assert s["BLEU-1"]["value"] > s["BLEU-1 report-mean"]["value"] + 0.2
+    assert s["_per_pair"]["BLEU-1 report-mean"][0] == pytest.approx(1.0)
+    assert np.mean(s["_per_pair"]["METEOR report-mean"]) == pytest.approx(s["METEOR report-mean"]["value"])
+
+
+def test_rouge_l_matches_pycocoevalcap():
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    rng = np.random.default_rng(0)
+    words = ["the", "lung", "nodule", "is", "seen", "in", "right", "left", "lobe", "no", "effusion"]
+    refs = [" ".join(rng.choice(words, rng.integers(1, 40))) for _ in range(200)]
+    hyps = [" ".join(rng.choice(words, rng.integers(1, 40))) for _ in range(200)]
+    ref_score, per = Rouge().compute_score({i: [r] for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)})
+    ours = [rouge_l(r, h) for r, h in zip(refs, hyps)]
+    assert np.allclose(ours, per) and np.mean(ours) == pytest.approx(ref_score)
+    assert lcs_length(["a", "b", "c", "d"], ["b", "d", "e"]) == 2 and lcs_length([], ["a"]) == 0
 
 
 def test_empty_hypothesis_does_not_crash(meteor):
     s = nlg_scores([REF_A], [""], meteor=meteor)
     assert s["BLEU-4"]["value"] < 1e-3 and s["METEOR"]["value"] < 0.05
+    assert s["METEOR-NLTK report-mean"]["value"] == 0.0
 
 
 def test_nlg_length_mismatch_raises(meteor):
     with pytest.raises(ValueError):
         nlg_scores([REF_A], [REF_A, REF_B], meteor=meteor)
+
+
+def test_java_missing_reports_meteor_not_run_and_computes_the_rest():
+    with pytest.raises(MeteorUnavailable, match="not found"):
+        MeteorScorer(java="/nonexistent/bin/java")
+    s = nlg_scores([REF_A], [REF_A], meteor=MeteorNotRun("Java executable 'java' not found"))
+    for key in ("METEOR", "METEOR report-mean"):
+        assert s[key]["value"] is None and s[key]["status"] == "not run" and "not found" in s[key]["reason"]
+    assert s["BLEU-4"]["value"] == pytest.approx(1.0) and s["METEOR-NLTK report-mean"]["value"] > 0.99
 
 
 # ---------------------------------------------------------------------------------------------- labeler
@@ -124,6 +181,30 @@ def test_nlg_length_mismatch_raises(meteor):
         ("Cardiomegaly is not observed, pleural effusion is present.", "Cardiomegaly", 0),
         ("No pleural effusion, but a nodule is observed.", "Lung nodule", 1),
         ("Consolidation cannot be excluded.", "Consolidation", 1),
+        # uncertainty: hedged mentions are positive (CT-RATE convention); "unlikely" / "no longer" negate
+        ("Findings suspicious for consolidation in the right lower lobe.", "Consolidation", 1),
+        ("Possible small pleural effusion on the left.", "Pleural effusion", 1),
+        ("A nodule? in the right upper lobe.", "Lung nodule", 1),
+        ("Atelectasis versus consolidation in the left lower lobe.", "Atelectasis", 1),
+        ("Findings may be compatible with early consolidation.", "Consolidation", 1),
+        ("Lymphadenopathy is not ruled out.", "Lymphadenopathy", 1),
+        ("No definite nodule.", "Lung nodule", 0),
+        ("Nodule is unlikely.", "Lung nodule", 0),
+        ("Atelectasis is no longer seen.", "Atelectasis", 0),
+        ("Interval resolution of the consolidation.", "Consolidation", 0),
+        # both-sides phrasing
+        ("Bilateral pleural effusion.", "Pleural effusion", 1),
+        ("Bilateral pleural effusion was not observed.", "Pleural effusion", 0),
+        ("Pleural effusion was not detected on either side.", "Pleural effusion", 0),
+        ("No pleural effusion on the right, minimal effusion on the left.", "Pleural effusion", 1),
+        ("Right-sided pleural effusion, no left pleural effusion.", "Pleural effusion", 1),
+        ("Pleural effusion is present on the left but not on the right.", "Pleural effusion", 1),
+        ("The pleural effusion on the right has resolved, the left effusion persists.", "Pleural effusion", 1),
+        ("There is no effusion in the right hemithorax, whereas a small effusion is seen in the left hemithorax.",
+         "Pleural effusion", 1),
+        ("Emphysema is not seen on the right; paraseptal emphysema on the left.", "Emphysema", 1),
+        ("Enlarged lymph nodes are not seen on either side of the mediastinum.", "Lymphadenopathy", 0),
+        ("No bronchiectasis was seen in either lung.", "Bronchiectasis", 0),
     ],
 )
 def test_labeler_sentences(text, cls, expected):
@@ -182,7 +263,7 @@ def test_clinical_scores_rejects_bad_shapes():
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _frames() -> tuple[pd.DataFrame, pd.DataFrame]:
+def _frames(n_orphans: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     ids = ["train_1_a_1", "train_2_a_1", "train_3_b_2"]
     ref_regions = {
         "lung": ["Millimetric nodules are observed in both lungs.", "Pleural effusion on the right.", ""],
@@ -213,38 +294,39 @@ def _frames() -> tuple[pd.DataFrame, pd.DataFrame]:
         {"volume_id": ids[::-1], "report": [merged(pred_regions, i) for i in range(3)][::-1],
          **{r: v[::-1] for r, v in pred_regions.items()}}
     )
+    for k in range(n_orphans):
+        pred.loc[len(pred)] = {"volume_id": f"valid_9{k}_a_1", "report": "Heart size increased.",
+                               **{r: "" for r in REGIONS}}
     return pred, ref
 
 
-def test_cli_end_to_end(tmp_path, meteor, monkeypatch, capsys):
-    pred, ref = _frames()
-    pp, rp, out = tmp_path / "pred.parquet", tmp_path / "ref.parquet", tmp_path / "m" / "metrics.json"
-    pred.to_parquet(pp)
+def _run_cli(tmp_path, pred, ref, *extra, suffix=".parquet") -> tuple[int, dict | None, Path]:
+    pp, rp, out = tmp_path / f"pred{suffix}", tmp_path / "ref.parquet", tmp_path / "m" / "metrics.json"
+    if suffix == ".parquet":
+        pred.to_parquet(pp)
     ref.to_parquet(rp)
+    rc = run_mod.main(["--predictions", str(pp), "--references", str(rp), "--experiment", "ours",
+                       "--out", str(out), *extra])
+    return rc, (json.loads(out.read_text(encoding="utf-8")) if out.exists() else None), out
 
-    class Shared:  # the module's JVM, not closed by the CLI
-        def __new__(cls):
-            return meteor
 
-    monkeypatch.setattr(run_mod, "MeteorScorer", Shared)
-    monkeypatch.setattr(meteor, "close", lambda: None)  # instance attribute: fixture teardown still closes
-    rc = run_mod.main(
-        ["--predictions", str(pp), "--references", str(rp), "--experiment", "ours", "--out", str(out)]
-    )
+def test_cli_end_to_end(tmp_path, shared_meteor, capsys):
+    pred, ref = _frames()
+    rc, m, out = _run_cli(tmp_path, pred, ref)
     assert rc == 0
-    monkeypatch.undo()
-    assert "CA-F1" in capsys.readouterr().out
-    m = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "CA-F1" in printed and "not run" in printed  # GREEN and judge are not configured
     assert m["experiment"] == "ours" and m["n_volumes"] == 3
     assert not list(out.parent.glob("*.tmp"))
     rep = m["nlg"]["report"]
-    for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"):
-        assert isinstance(rep[name]["value"], float) and rep[name]["implementation"], name
+    assert set(rep) == set(METRIC_KEYS)
+    for name, entry in rep.items():
+        assert isinstance(entry["value"], float) and entry["implementation"] and entry["averaging"], name
     assert set(m["nlg"]["regions"]) == set(REGIONS)
     for region, block in m["nlg"]["regions"].items():
         for k, v in block.items():
             if isinstance(v, dict):
-                assert v["implementation"].startswith("pycocoevalcap"), (region, k)
+                assert v["implementation"] and v["averaging"], (region, k)
     assert m["nlg"]["regions"]["abdomen"]["n_pairs"] == 0
     assert m["nlg"]["regions"]["abdomen"]["n_skipped_both_empty"] == 3
     assert m["nlg"]["regions"]["lung"]["n_pairs"] == 2
@@ -253,44 +335,136 @@ def test_cli_end_to_end(tmp_path, meteor, monkeypatch, capsys):
     assert m["nlg"]["regions"]["heart"]["ROUGE-L"]["value"] == pytest.approx(1.0)
     for key in ("labeler_vs_labeler", "labeler_vs_reference_labels", "labeler_on_references"):
         block = m["clinical"][key]
-        assert block["implementation"] and "macro_f1" in block and "per_class" in block
+        assert block["implementation"] and "per_class" in block
+        assert {"macro_f1", "micro_f1", "weighted_f1"} <= set(block)
     # reference labels were made with the labeler itself, so the labeler check is perfect where defined
     assert m["clinical"]["labeler_on_references"]["macro_f1"] == pytest.approx(1.0)
-    for name in ("BLEU-4", "METEOR", "ROUGE-L", "CA-F1", "labeler", "normalisation"):
+    for name in ("green", "judge"):
+        assert m[name]["status"] == "not run" and m[name]["value"] is None and "not configured" in m[name]["reason"]
+    for name in ("BLEU-4", "METEOR", "METEOR-NLTK report-mean", "ROUGE-L", "CA-F1", "labeler", "normalisation"):
         assert m["implementations"][name]
+    assert m["inputs"]["predictions_without_reference"]["count"] == 0
 
 
-def test_cli_names_missing_reference_ids(tmp_path):
+# ---------------------------------------------------------------------------------------------- bad input
+def test_prediction_without_reference_is_reported_not_scored(tmp_path, shared_meteor):
+    pred, ref = _frames(n_orphans=2)
+    rc, m, _ = _run_cli(tmp_path, pred, ref)
+    assert rc == 0 and m["n_volumes"] == 3
+    orphans = m["inputs"]["predictions_without_reference"]
+    assert orphans["count"] == 2 and orphans["volume_ids"] == ["valid_90_a_1", "valid_91_a_1"]
+    assert "not scored" in orphans["note"]
+    assert m["inputs"]["n_predictions"] == 5 and m["inputs"]["n_scored"] == 3
+
+
+def test_no_prediction_with_a_reference_fails_naming_ids(tmp_path):
     pred, ref = _frames()
     pp, rp = tmp_path / "pred.parquet", tmp_path / "ref.parquet"
     pred.to_parquet(pp)
-    ref[ref["volume_id"] != "train_2_a_1"].to_parquet(rp)
+    ref.assign(volume_id=ref["volume_id"] + "_other").to_parquet(rp)
     r = subprocess.run(
         [sys.executable, "-m", "pipeline.evaluate", "--predictions", str(pp), "--references", str(rp),
          "--experiment", "x", "--out", str(tmp_path / "metrics.json")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 2
-    assert "train_2_a_1" in r.stderr
+    assert "train_2_a_1" in r.stderr and "has a reference" in r.stderr
     assert not (tmp_path / "metrics.json").exists()
 
 
-def _fake_metrics(name: str, b4: float, rl: float, met: float, ca: float) -> dict:
-    impl = {
-        "BLEU-4": "pycocoevalcap-1.2 Bleu",
-        "ROUGE-L": "pycocoevalcap-1.2 Rouge",
-        "METEOR": "pycocoevalcap-1.2 Meteor",
+def test_empty_generated_report_is_scored_as_empty(tmp_path, shared_meteor):
+    pred, ref = _frames()
+    pred.loc[pred["volume_id"] == "train_1_a_1", ["report", *REGIONS]] = ""
+    rc, m, _ = _run_cli(tmp_path, pred, ref)
+    assert rc == 0 and m["n_volumes"] == 3
+    assert m["inputs"]["n_prediction_empty"] == 1
+    for entry in m["nlg"]["report"].values():
+        assert 0.0 <= entry["value"] <= 1.0
+    assert m["nlg"]["regions"]["lung"]["n_prediction_empty"] == 1
+
+
+def test_non_utf8_text_is_repaired_and_counted(tmp_path, shared_meteor):
+    pred, ref = _frames()
+    lines = ["volume_id,report,lung"]
+    for vid, report, lung in pred[["volume_id", "report", "lung"]].itertuples(index=False):
+        lines.append(f'{vid},"{report}","{lung}"')
+    raw = "\n".join(lines).encode("utf-8")
+    raw = raw.replace(b"Heart size increased.", b"Heart size increased \x96 caf\xe9 \xff.")  # cp1252 / latin-1 bytes
+    (tmp_path / "pred.csv").write_bytes(raw)
+    rc, m, out = _run_cli(tmp_path, None, ref, suffix=".csv")
+    assert rc == 0 and m["n_volumes"] == 3
+    assert m["inputs"]["n_text_cells_repaired"] >= 1
+    out.read_bytes().decode("utf-8")  # metrics.json is valid UTF-8
+    assert sorted(m["inputs"]["missing_region_columns"]["predictions"]) == sorted(set(REGIONS) - {"lung"})
+    for entry in m["nlg"]["report"].values():
+        assert entry["value"] is not None
+
+
+def test_report_with_only_one_of_six_sections(tmp_path, shared_meteor):
+    pred, ref = _frames()
+    only_lung = pred[["volume_id", "lung"]].rename(columns={"lung": "lung"})
+    rc, m, _ = _run_cli(tmp_path, only_lung, ref)
+    assert rc == 0
+    inp = m["inputs"]
+    assert "report (joined from the region columns)" in inp["missing_region_columns"]["predictions"]
+    heart = m["nlg"]["regions"]["heart"]
+    assert heart["n_pairs"] == 2 and heart["n_prediction_empty"] == 2 and heart["BLEU-4"]["value"] < 1e-3
+    assert m["nlg"]["regions"]["lung"]["ROUGE-L"]["value"] > 0.3
+
+
+def test_java_missing_cli_reports_meteor_not_run(tmp_path):
+    pred, ref = _frames()
+    pp, rp, out = tmp_path / "pred.parquet", tmp_path / "ref.parquet", tmp_path / "metrics.json"
+    pred.to_parquet(pp)
+    ref.to_parquet(rp)
+    env = {**os.environ, "MEDREGION_JAVA": "/nonexistent/jre/bin/java"}
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.evaluate", "--predictions", str(pp), "--references", str(rp),
+         "--experiment", "nojava", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    m = json.loads(out.read_text())
+    for key in ("METEOR", "METEOR report-mean"):
+        entry = m["nlg"]["report"][key]
+        assert entry["status"] == "not run" and entry["value"] is None
+        assert "/nonexistent/jre/bin/java" in entry["reason"] and "not found" in entry["reason"]
+        assert m["nlg"]["regions"]["lung"][key]["status"] == "not run"
+    assert m["nlg"]["report"]["BLEU-4"]["value"] > 0.3 and m["nlg"]["report"]["METEOR-NLTK report-mean"]["value"] > 0.3
+    assert m["clinical"]["labeler_vs_labeler"]["macro_f1"] is not None
+    assert m["meteor_jvm_starts"] == 0 and "METEOR not run" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------- table
+def _fake_metrics(name: str, b4: float, rl: float, met: float, ca: float, green: float | None = None) -> dict:
+    def entry(v, impl, avg):
+        return {"value": v, "implementation": impl, "averaging": avg}
+
+    rep = {
+        "BLEU-4": entry(b4, "pycocoevalcap-1.2 Bleu", "corpus"),
+        "BLEU-4 report-mean": entry(b4 - 0.05, "pycocoevalcap-1.2 Bleu per pair", "report-mean"),
+        "ROUGE-L": entry(rl, "ROUGE-L as pycocoevalcap Rouge", "report-mean"),
+        "METEOR": entry(met, "pycocoevalcap-1.2 Meteor jar", "corpus"),
+        "METEOR-NLTK report-mean": entry(met + 0.2, "NLTK-style METEOR", "report-mean"),
     }
+    per_class = {c: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 3, "predicted": 3} for c in CTRATE_CLASSES}
+    per_class["Hiatal hernia"] = {"precision": None, "recall": None, "f1": None, "support": 0, "predicted": 0}
+    green_block = ({"status": "not run", "reason": "GREEN adapter not configured", "value": None} if green is None
+                   else {"status": "ok", "value": green, "implementation": "GREEN", "averaging": "report-mean"})
     return {
         "experiment": name,
         "n_volumes": 10,
-        "nlg": {"report": {k: {"value": v, "implementation": impl[k]}
-                           for k, v in (("BLEU-4", b4), ("ROUGE-L", rl), ("METEOR", met))}},
-        "clinical": {"labeler_vs_labeler": {"macro_f1": ca, "implementation": "rule labeler CA-F1"}},
+        "nlg": {"report": rep},
+        "clinical": {"labeler_vs_labeler": {"macro_f1": ca, "micro_f1": ca, "weighted_f1": ca,
+                                            "per_class": per_class, "implementation": "rule labeler CA-F1"}},
+        "green": green_block,
+        "judge": {"status": "not run", "reason": "LLM judge not configured", "value": None},
     }
 
 
 def test_table_cli(tmp_path):
+    from pipeline.evaluate.table import COLUMNS
+
     paths = []
     for name, vals in (("ours", (0.29, 0.37, 0.49, 0.45)), ("ablation-r2", (0.26, 0.34, 0.48, 0.40))):
         p = tmp_path / f"{name}.json"
@@ -302,12 +476,32 @@ def test_table_cli(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    df = pd.read_csv(out / "ablation.csv")
+    df = pd.read_csv(out / "ablation.csv", keep_default_na=False)
     assert list(df["experiment"]) == ["ours", "ablation-r2"]
-    assert list(df.columns[-4:]) == ["BLEU-4", "ROUGE-L", "METEOR", "CA-F1 macro"]
-    assert df.loc[0, "CA-F1 macro"] == pytest.approx(0.45)
+    assert list(df.columns[2:]) == list(COLUMNS)
+    for col in ("BLEU-4", "ROUGE-L", "METEOR", "CA-F1", "GREEN", "Judge"):
+        assert any(c.startswith(col) for c in COLUMNS), col
+    assert float(df.loc[0, "CA-F1 macro"]) == pytest.approx(0.45)
+    assert float(df.loc[0, "METEOR-NLTK report-mean"]) == pytest.approx(0.69)
+    # adapters that did not run are "not run", never 0
+    assert (df["GREEN report-mean"] == "not run").all() and (df["Judge 0-100 report-mean"] == "not run").all()
     md = (out / "ablation.md").read_text()
-    assert "| ours |" in md and "Implementations:" in md and "pycocoevalcap-1.2 Meteor" in md
+    assert "| ours |" in md and "not run" in md and "pycocoevalcap-1.2 Meteor jar" in md and "report-mean" in md
     png = (out / "ablation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
-    assert sorted(p.name for p in out.iterdir()) == ["ablation.csv", "ablation.md", "ablation.png"]
+    per_class = pd.read_csv(out / "ca_per_class.csv")
+    assert len(per_class) == 2 * (18 + 3)
+    assert set(per_class["class"]) == {*CTRATE_CLASSES, "macro average", "micro average", "weighted average"}
+    pmd = (out / "ca_per_class.md").read_text()
+    assert "| Hiatal hernia | 0 | n/a | n/a |" in pmd and "F1 ablation-r2" in pmd
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["ablation.csv", "ablation.md", "ablation.png", "ca_per_class.csv", "ca_per_class.md"]
+    )
+
+
+def test_table_shows_green_when_it_ran(tmp_path):
+    from pipeline.evaluate.table import build_table
+
+    df, impls, _ = build_table([_fake_metrics("a", 0.3, 0.3, 0.3, 0.3, green=0.25)])
+    assert df.loc[0, "GREEN report-mean"] == pytest.approx(0.25)
+    assert "report-mean" in impls["GREEN report-mean"]

@@ -13,7 +13,13 @@ Negation is resolved inside the clause that holds the mention:
   * a post-cue after the mention ("... was not observed", "... not seen", "... are open",
     "... within normal limits", "... disappeared", ...);
   * a "not" that is part of an earlier completed post-negation ("X is not observed, Y is present") does
-    not negate later mentions; "cannot be excluded / ruled out" keeps mentions positive.
+    not negate later mentions; "cannot be excluded / ruled out" keeps mentions positive;
+  * both-sides phrasing: "No effusion on the right, minimal effusion on the left" - a mention placed, after a
+    comma, on the other side than the negated part is outside the negation; "bilateral" / "on both sides"
+    / "in either lung" only locate a mention (negated or not by the rest of the clause);
+  * uncertainty: hedged mentions ("possible", "suspicious for", "probable", "may be compatible with",
+    "X?", "X versus Y") count as positive like CT-RATE's labels; "unlikely" and "no longer seen",
+    "resolution of" negate.
 Class-specific exclusions drop mentions that name the wrong organ (e.g. a thyroid nodule is not a lung
 nodule, a pericardial effusion is not a pleural one).
 
@@ -46,7 +52,7 @@ from pipeline.constants import CTRATE_CLASSES
 CLASSES: tuple[str, ...] = CTRATE_CLASSES
 
 # Named wherever labels feed a score (metrics.json "implementations").
-IMPLEMENTATION = "pipeline.evaluate.labeler rule-based v1 (regex synonyms + clause negation)"
+IMPLEMENTATION = "pipeline.evaluate.labeler rule-based v2 (regex synonyms + clause negation, uncertainty, sides)"
 
 _F = re.IGNORECASE
 
@@ -282,7 +288,8 @@ _RULES: dict[str, list[tuple[re.Pattern[str], re.Pattern[str] | None]]] = {
 # ----------------------------------------------------------------------------------------------------
 _PRE_NEG = re.compile(
     r"\b(?:no|not|without|neither|nor|none|absence of|absent|free of|negative for|rule out|ruled out|"
-    r"no evidence of|no sign of|no signs of|no findings? of|nor was|never)\b",
+    r"no evidence of|no sign of|no signs of|no findings? of|nor was|never|"
+    r"(?<!partial )(?<!partially )(?:complete )?(?:resolution|disappearance) of)\b",
     _F,
 )
 _POST_NEG = re.compile(
@@ -291,7 +298,9 @@ _POST_NEG = re.compile(
     r"encountered|demonstrated|shown|revealed|apparent|distinguished|described|considered|"
     r"developed|followed)\b|"
     r"\b(?:is|are|was|were)\s+absent\b|\bare open\b|\bis open\b|\bwere open\b|\bwas open\b|"
-    r"\bwithin normal limits\b|\bdisappeared\b|\bregressed completely\b|\bresolved\b",
+    r"\bwithin normal limits\b|\bdisappeared\b|\bregressed completely\b|\bresolved\b|"
+    r"\bno longer\s+(?:\w+\s+)?(?:observed|seen|detected|present|visible|evident|noted|identified)\b|"
+    r"\b(?:is|are|was|were|seems?|appears?)\s+(?:\w+\s+)?unlikely\b",
     _F,
 )
 # Phrases in which "not" expresses uncertainty, not absence: the mention stays positive.
@@ -339,7 +348,23 @@ def _clauses(sentence: str) -> list[str]:
     return [c for c in _CLAUSE_SPLIT.split(sentence) if c and c.strip()]
 
 
-def _pre_negated(clause: str, start: int) -> bool:
+_SIDE = re.compile(r"\b(right|left)\b", _F)
+
+
+def _side_switch(clause: str, between_start: int, start: int, end: int) -> bool:
+    """Both-sides phrasing: "No effusion on the right, minimal effusion on the left" - after a comma the
+    mention is placed on the other side than the negated part, so the negation does not reach it."""
+    between = clause[between_start:start]
+    if "," not in between:
+        return False
+    head, tail = between.rsplit(",", 1)
+    after = clause[end:].split(",", 1)[0][:60]
+    sides_head = {x.lower() for x in _SIDE.findall(head)}
+    sides_tail = {x.lower() for x in _SIDE.findall(tail + " " + clause[start:end] + " " + after)}
+    return bool(sides_head) and bool(sides_tail) and not (sides_head & sides_tail)
+
+
+def _pre_negated(clause: str, start: int, end: int | None = None) -> bool:
     """True when a negation cue before `start` governs the mention (no scope breaker in between)."""
     before = clause[:start]
     # a "not" that belongs to a completed post-negated predicate ("X is not observed, Y is present")
@@ -351,6 +376,8 @@ def _pre_negated(clause: str, start: int) -> bool:
     last = cues[-1]
     between = before[last.end():]
     if _BREAK.search(between):
+        return False
+    if _side_switch(clause, last.end(), start, start if end is None else end):
         return False
     # Long distance between cue and mention weakens the scope (lists are long, though): cap in words.
     if len(between.split()) > 14:
@@ -375,7 +402,7 @@ def _post_negated(clause: str, end: int) -> bool:
 def _mention_affirmed(clause: str, m: re.Match[str]) -> bool:
     if _UNCERTAIN.search(clause):
         return True
-    if _pre_negated(clause, m.start()):
+    if _pre_negated(clause, m.start(), m.end()):
         return False
     if _post_negated(clause, m.end()):
         return False
@@ -421,3 +448,40 @@ def label_reports(texts: Sequence[str] | Iterable[str]) -> np.ndarray:
     if not rows:
         return np.zeros((0, len(CLASSES)), dtype=np.int64)
     return np.stack(rows).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends: every labeler has CLASSES, IMPLEMENTATION and label_reports(texts) -> (n, 18) 0/1.
+# ----------------------------------------------------------------------------------------------------
+BACKENDS: tuple[str, ...] = ("rules", "radbert")
+
+
+class RuleLabeler:
+    """This module's rule labeler behind the backend interface."""
+
+    CLASSES = CLASSES
+    IMPLEMENTATION = IMPLEMENTATION
+
+    @staticmethod
+    def label_reports(texts: Sequence[str] | Iterable[str]) -> np.ndarray:
+        return label_reports(texts)
+
+
+def load_labeler(
+    backend: str = "rules",
+    weights: str | None = None,
+    model_dir: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 16,
+):
+    """The labeler for ``backend``: ``rules`` (this module) or ``radbert`` (CT-CLIP's classifier from a local
+    ``weights`` file and ``model_dir`` with config + tokenizer; see :mod:`pipeline.evaluate.radbert`)."""
+    if backend == "rules":
+        return RuleLabeler()
+    if backend == "radbert":
+        if not weights or not model_dir:
+            raise ValueError("labeler backend 'radbert' needs both weights (file) and model_dir (config + tokenizer)")
+        from pipeline.evaluate.radbert import RadBertLabeler
+
+        return RadBertLabeler(weights, model_dir, device=device, batch_size=batch_size)
+    raise ValueError(f"unknown labeler backend {backend!r}; choose from {BACKENDS}")

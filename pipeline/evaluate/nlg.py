@@ -1,27 +1,50 @@
-"""Natural-language-generation metrics (BLEU-1..4, METEOR, ROUGE-L) via pycocoevalcap.
+"""Natural-language-generation metrics: BLEU-1..4, METEOR (jar and NLTK-style), ROUGE-L.
 
-Every number this module returns is a ``{"value": float, "implementation": str}`` pair, because the same
+Every number this module returns is a ``{"value", "implementation", "averaging"}`` dict, because the same
 metric name means different things in different papers (anchors: jar METEOR ~0.2 vs NLTK-style ~0.3-0.5 on
-the same CT-RATE-like text; corpus BLEU vs mean per-report BLEU).
+the same CT-RATE-like text; corpus BLEU vs mean per-report BLEU). ``averaging`` is ``corpus`` (statistics
+pooled over all pairs, then one score) or ``report-mean`` (one score per report pair, then the mean).
 
-Implementations (pycocoevalcap, PyPI, version read at run time):
-  * BLEU-n  - ``Bleu(4)``: corpus-level BLEU (clipped n-gram counts and lengths summed over all pairs,
-              brevity penalty with option="closest"), one reference per hypothesis.
-  * METEOR  - ``Meteor()``: METEOR 1.5 jar (``-l en -norm``) run under Java; the value is the jar's
-              corpus-level aggregate (its final ``EVAL`` line), not a mean of per-pair scores.
-  * ROUGE-L - ``Rouge()``: ROUGE-L F-measure (LCS, beta=1.2), mean over pairs.
+Keys and implementations (pycocoevalcap version read at run time):
+  * ``BLEU-n``               pycocoevalcap ``Bleu(4)``, corpus level: clipped n-gram matches and lengths
+                             summed over all pairs, brevity penalty with option="closest".
+  * ``BLEU-n report-mean``   the same call's per-pair sentence BLEU (pycocoevalcap smooths zero counts with
+                             1e-9 / 1e-15, i.e. practically unsmoothed), averaged over reports.
+  * ``METEOR``               METEOR 1.5 jar shipped in pycocoevalcap (``-l en -norm``, exact + stem +
+                             synonym + paraphrase modules) under Java, corpus level: the jar's aggregate
+                             over all pairs (its final ``EVAL`` line). One JVM per :class:`MeteorScorer`.
+  * ``METEOR report-mean``   the jar's per-pair (segment) scores of the same call, averaged over reports.
+  * ``METEOR-NLTK report-mean``  :mod:`pipeline.evaluate.meteor_nltk` (NLTK's algorithm, exact + Porter stem
+                             stages, no WordNet), averaged over reports: the scale of most CT papers.
+  * ``ROUGE-L``              ROUGE-L F-measure (LCS, beta 1.2) per pair exactly as pycocoevalcap ``Rouge``
+                             (same whitespace tokens and formula; LCS length computed bit-parallel, equal to
+                             its dynamic programme, ~50x faster), averaged over reports (pycocoevalcap's
+                             ROUGE-L is a report mean too; there is no corpus variant).
 
-Texts are normalised by :func:`normalize_text` first; see its docstring. The Java PTB tokenizer of the
+METEOR needs Java. When Java is missing or the jar fails, both METEOR entries are ``{"value": None,
+"status": "not run", "reason": ...}`` and every other metric is still computed.
+
+Texts are normalised by :func:`normalize_text` first (see ``NORMALISATION``). The Java PTB tokenizer of the
 COCO pipeline is not used (one more JVM start per call); the normaliser's punctuation stripping plays its
 part.
 """
 
 from __future__ import annotations
 
+import collections
+import os
 import re
+import shutil
+import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.evaluate import meteor_nltk
 
 EMPTY_PLACEHOLDER = "emptyreport"
 
@@ -36,14 +59,24 @@ NORMALISATION = (
     "lowercase; '|||' removed; newlines/tabs -> space; punctuation . , ; : ! ? ( ) [ ] { } \" ' ` removed "
     "except a '.' or ',' inside a number (2.5 mm) and hyphens inside words; whitespace collapsed; an empty "
     f"text becomes the placeholder token '{EMPTY_PLACEHOLDER}' (METEOR's stdio protocol and BLEU break on "
-    "empty strings)"
+    "empty strings); tokens = whitespace split of the result (all metrics)"
 )
+
+CORPUS, REPORT_MEAN = "corpus", "report-mean"
 
 IMPLEMENTATIONS: dict[str, str] = {
     **{f"BLEU-{n}": f"{_PCE} Bleu(4) corpus-level (option=closest), BLEU-{n}" for n in range(1, 5)},
-    "METEOR": f"{_PCE} Meteor (meteor-1.5.jar, -l en -norm, Java) corpus-level aggregate",
-    "ROUGE-L": f"{_PCE} Rouge (ROUGE-L F, beta=1.2) mean over pairs",
+    **{
+        f"BLEU-{n} report-mean": f"{_PCE} Bleu(4) per-pair sentence BLEU-{n} (1e-9 smoothing), mean over reports"
+        for n in range(1, 5)
+    },
+    "METEOR": f"{_PCE} meteor-1.5.jar (-l en -norm, Java) corpus-level aggregate",
+    "METEOR report-mean": f"{_PCE} meteor-1.5.jar (-l en -norm, Java) per-pair scores, mean over reports",
+    "METEOR-NLTK report-mean": f"{meteor_nltk.IMPLEMENTATION}; mean over reports",
+    "ROUGE-L": f"ROUGE-L F (beta=1.2) as {_PCE} Rouge (bit-parallel LCS), mean over reports",
 }
+AVERAGING: dict[str, str] = {k: (REPORT_MEAN if ("report-mean" in k or k == "ROUGE-L") else CORPUS) for k in IMPLEMENTATIONS}
+METRIC_KEYS: tuple[str, ...] = tuple(IMPLEMENTATIONS)
 
 _PUNCT = re.compile(r"[.,](?!\d)|(?<!\d)[.,]|[;:!?()\[\]{}\"'`“”‘’•·]")
 _HYPHEN_EDGE = re.compile(r"(?<!\w)-+|-+(?!\w)")
@@ -74,31 +107,130 @@ def normalize_text(text: str | None, strip_punct: bool = True) -> str:
     return t if t else EMPTY_PLACEHOLDER
 
 
-class MeteorScorer:
-    """One METEOR 1.5 JVM (pycocoevalcap ``Meteor``), reusable across calls; close it when done.
+# ---------------------------------------------------------------------------------------------- METEOR jar
+class MeteorUnavailable(RuntimeError):
+    """Java or the METEOR jar cannot run; the message is the reason reported in metrics.json."""
 
-    Start-up costs ~5-20 s, so create it once per process (use as a context manager or call ``close``).
+
+class MeteorNotRun:
+    """Pass as ``meteor=`` to skip the jar and report METEOR as not run with ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def meteor_jar_path() -> Path:
+    import pycocoevalcap.meteor.meteor as m
+
+    return Path(m.__file__).resolve().parent / "meteor-1.5.jar"
+
+
+class MeteorScorer:
+    """One METEOR 1.5 JVM speaking the jar's ``-stdio`` protocol, reusable across calls; close it when done.
+
+    ``java``: the executable (name on PATH or a path); default ``$MEDREGION_JAVA`` or ``java``. Start-up
+    (5-20 s: the jar loads its paraphrase table) happens here, with one probe pair, so a broken Java fails
+    at construction with :class:`MeteorUnavailable`. ``MeteorScorer.starts`` counts JVM starts in this
+    process (the benchmark checks there is one per evaluation).
     """
 
-    def __init__(self) -> None:
-        from pycocoevalcap.meteor.meteor import Meteor
+    starts = 0
 
-        self._meteor = Meteor()
+    def __init__(self, java: str | None = None, memory: str = "2G") -> None:
+        java = java or os.environ.get("MEDREGION_JAVA") or "java"
+        exe = shutil.which(java)
+        if exe is None:
+            raise MeteorUnavailable(f"Java executable {java!r} not found (PATH / $MEDREGION_JAVA); METEOR jar needs Java")
+        jar = meteor_jar_path()
+        if not jar.is_file():  # pragma: no cover - broken install
+            raise MeteorUnavailable(f"METEOR jar missing at {jar}")
+        cmd = [exe, f"-Xmx{memory}", "-jar", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"]
+        try:
+            self._p = subprocess.Popen(
+                cmd, cwd=jar.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        except OSError as e:
+            raise MeteorUnavailable(f"cannot start {exe}: {e}") from e
+        MeteorScorer.starts += 1
+        self._stderr: collections.deque[str] = collections.deque(maxlen=50)
+        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._drain.start()
         self._lock = threading.Lock()
         self.closed = False
+        self.java = exe
+        try:
+            self.score_pairs(["probe sentence"], ["probe sentence"])
+        except MeteorUnavailable:
+            self.close()
+            raise
+
+    def _drain_stderr(self) -> None:
+        for line in iter(self._p.stderr.readline, b""):
+            self._stderr.append(line.decode("utf-8", "replace").rstrip())
+
+    def _fail(self, what: str) -> MeteorUnavailable:
+        tail = " | ".join(list(self._stderr)[-5:])
+        return MeteorUnavailable(f"METEOR jar {what} (exit code {self._p.poll()}){': ' + tail if tail else ''}")
+
+    def _readline(self) -> str:
+        line = self._p.stdout.readline()
+        if not line:
+            raise self._fail("stopped answering")
+        return line.decode("utf-8", "replace").strip()
+
+    def _write(self, line: str) -> None:
+        try:
+            self._p.stdin.write((line + "\n").encode("utf-8"))
+            self._p.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            raise self._fail(f"closed its input ({e})") from e
+
+    def score_pairs(self, references: Sequence[str], hypotheses: Sequence[str]) -> tuple[float, list[float]]:
+        """(corpus aggregate, per-pair scores) of already-normalised, non-empty texts."""
+        if self.closed:
+            raise MeteorUnavailable("METEOR scorer is closed")
+        lines = [
+            "SCORE ||| {} ||| {}".format(*(t.replace("|||", " ").replace("\n", " ") for t in pair))
+            for pair in zip(references, hypotheses, strict=True)
+        ]
+        with self._lock:
+            # A writer thread streams the SCORE lines while this thread reads the answers: no round trip per
+            # pair, and no deadlock when both pipes fill.
+            errors: list[BaseException] = []
+
+            def write_all() -> None:
+                try:
+                    for line in lines:
+                        self._write(line)
+                except BaseException as e:  # reported by the reader below
+                    errors.append(e)
+
+            writer = threading.Thread(target=write_all, daemon=True)
+            writer.start()
+            try:
+                stats = [self._readline() for _ in lines]
+            finally:
+                writer.join()
+            if errors:
+                raise errors[0]
+            self._write("EVAL ||| " + " ||| ".join(stats))
+            try:
+                per_pair = [float(self._readline()) for _ in stats]
+                corpus = float(self._readline())
+            except ValueError as e:
+                raise self._fail(f"answered a non-number ({e})") from e
+        return corpus, per_pair
 
     def compute_score(self, gts: dict, res: dict) -> tuple[float, list[float]]:
-        if self.closed:
-            raise RuntimeError("MeteorScorer is closed")
-        with self._lock:
-            score, scores = self._meteor.compute_score(gts, res)
-        return float(score), [float(s) for s in scores]
+        """pycocoevalcap-style call: ``gts``/``res`` map ids to one-element lists of text."""
+        keys = list(gts)
+        return self.score_pairs([gts[k][0] for k in keys], [res[k][0] for k in keys])
 
     def close(self) -> None:
-        if self.closed:
+        if getattr(self, "closed", True):
             return
         self.closed = True
-        p = self._meteor.meteor_p
+        p = self._p
         try:
             if p.stdin and not p.stdin.closed:
                 p.stdin.close()
@@ -107,12 +239,11 @@ class MeteorScorer:
         if p.poll() is None:
             p.kill()
         p.wait()
-        for stream in (p.stdout, p.stderr):
-            try:
-                if stream:
-                    stream.close()
-            except OSError:
-                pass
+        try:
+            p.stdout.close()
+        except OSError:
+            pass
+        self._drain.join(timeout=5)
 
     def __enter__(self) -> MeteorScorer:
         return self
@@ -127,24 +258,78 @@ class MeteorScorer:
             pass
 
 
-def _metric(value: float, name: str) -> dict[str, float | str]:
-    return {"value": float(value), "implementation": IMPLEMENTATIONS[name]}
+def open_meteor(java: str | None = None) -> MeteorScorer | MeteorNotRun:
+    """A started scorer, or a :class:`MeteorNotRun` carrying why Java/the jar cannot run."""
+    try:
+        return MeteorScorer(java=java)
+    except MeteorUnavailable as e:
+        return MeteorNotRun(str(e))
+
+
+# ---------------------------------------------------------------------------------------------- ROUGE-L
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token lists (Hyyrö's bit-vector algorithm)."""
+    n = len(a)
+    if n == 0 or not b:
+        return 0
+    masks: dict[str, int] = {}
+    for i, tok in enumerate(a):
+        masks[tok] = masks.get(tok, 0) | (1 << i)
+    full = (1 << n) - 1
+    v = full
+    for tok in b:
+        u = v & masks.get(tok, 0)
+        v = ((v + u) | (v - u)) & full
+    return n - v.bit_count()
+
+
+def rouge_l(reference: str, hypothesis: str, beta: float = 1.2) -> float:
+    """pycocoevalcap ``Rouge.calc_score`` for one reference (tokens = split on single spaces)."""
+    tr, tc = reference.split(" "), hypothesis.split(" ")
+    lcs = lcs_length(tr, tc)
+    prec, rec = lcs / len(tc), lcs / len(tr)
+    if prec == 0 or rec == 0:
+        return 0.0
+    return ((1 + beta**2) * prec * rec) / (rec + beta**2 * prec)
+
+
+# ---------------------------------------------------------------------------------------------- all metrics
+def _metric(value: float, name: str) -> dict:
+    return {"value": float(value), "implementation": IMPLEMENTATIONS[name], "averaging": AVERAGING[name]}
+
+
+def _not_run(name: str, reason: str) -> dict:
+    return {
+        "value": None,
+        "status": "not run",
+        "reason": reason,
+        "implementation": IMPLEMENTATIONS[name],
+        "averaging": AVERAGING[name],
+    }
 
 
 def nlg_scores(
     references: Sequence[str],
     hypotheses: Sequence[str],
-    meteor: MeteorScorer | None = None,
+    meteor: MeteorScorer | MeteorNotRun | None = None,
     strip_punct: bool = True,
-) -> dict[str, dict[str, float | str]]:
-    """Corpus BLEU-1..4, METEOR and ROUGE-L of ``hypotheses`` against ``references`` (paired by index).
+    per_pair: bool = False,
+    timings: dict[str, float] | None = None,
+) -> dict:
+    """All NLG metrics of ``hypotheses`` against ``references`` (paired by index); see the module docstring.
 
-    Returns ``{"BLEU-1": {"value": x, "implementation": "..."}, ..., "BLEU-4", "METEOR", "ROUGE-L"}``.
-    Pass a shared :class:`MeteorScorer` to avoid a JVM start per call; without one, a scorer is created
-    and closed here.
+    ``meteor``: a shared :class:`MeteorScorer` (no JVM start here), ``None`` (start one and close it), or a
+    :class:`MeteorNotRun` (METEOR reported as not run). With ``per_pair`` the result also holds
+    ``"_per_pair": {metric: [scores]}`` for the report-mean metrics. ``timings``, when given, accumulates
+    seconds per implementation (bleu, meteor_jar, meteor_nltk, rouge_l).
     """
+    clock = time.perf_counter
+    timings = {} if timings is None else timings
+
+    def tick(name: str, t0: float) -> None:
+        timings[name] = timings.get(name, 0.0) + clock() - t0
+
     from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.rouge.rouge import Rouge
 
     references = list(references)
     hypotheses = list(hypotheses)
@@ -152,20 +337,55 @@ def nlg_scores(
         raise ValueError(f"{len(references)} references vs {len(hypotheses)} hypotheses")
     if not references:
         raise ValueError("nlg_scores needs at least one pair")
-    gts = {i: [normalize_text(r, strip_punct)] for i, r in enumerate(references)}
-    res = {i: [normalize_text(h, strip_punct)] for i, h in enumerate(hypotheses)}
+    refs = [normalize_text(r, strip_punct) for r in references]
+    hyps = [normalize_text(h, strip_punct) for h in hypotheses]
+    gts = {i: [r] for i, r in enumerate(refs)}
+    res = {i: [h] for i, h in enumerate(hyps)}
 
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    rouge, _ = Rouge().compute_score(gts, res)
+    out: dict = {}
+    pairs: dict[str, list[float]] = {}
+    t0 = clock()
+    bleu, bleu_pairs = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        out[f"BLEU-{n + 1}"] = _metric(bleu[n], f"BLEU-{n + 1}")
+    for n in range(4):
+        key = f"BLEU-{n + 1} report-mean"
+        pairs[key] = [float(x) for x in bleu_pairs[n]]
+        out[key] = _metric(np.mean(pairs[key]), key)
+    tick("bleu", t0)
+
+    t0 = clock()
     own = meteor is None
-    scorer = MeteorScorer() if own else meteor
+    scorer = open_meteor() if own else meteor
     try:
-        met, _ = scorer.compute_score(gts, res)
+        if isinstance(scorer, MeteorNotRun):
+            reason = scorer.reason
+        else:
+            try:
+                corpus, met_pairs = scorer.score_pairs(refs, hyps)
+                reason = None
+            except MeteorUnavailable as e:
+                reason = str(e)
     finally:
-        if own:
+        if own and isinstance(scorer, MeteorScorer):
             scorer.close()
+    if reason is None:
+        out["METEOR"] = _metric(corpus, "METEOR")
+        pairs["METEOR report-mean"] = met_pairs
+        out["METEOR report-mean"] = _metric(np.mean(met_pairs), "METEOR report-mean")
+    else:
+        out["METEOR"] = _not_run("METEOR", reason)
+        out["METEOR report-mean"] = _not_run("METEOR report-mean", reason)
+    tick("meteor_jar", t0)
 
-    out = {f"BLEU-{n + 1}": _metric(bleu[n], f"BLEU-{n + 1}") for n in range(4)}
-    out["METEOR"] = _metric(met, "METEOR")
-    out["ROUGE-L"] = _metric(rouge, "ROUGE-L")
+    t0 = clock()
+    pairs["METEOR-NLTK report-mean"] = meteor_nltk.meteor_texts(refs, hyps)
+    out["METEOR-NLTK report-mean"] = _metric(np.mean(pairs["METEOR-NLTK report-mean"]), "METEOR-NLTK report-mean")
+    tick("meteor_nltk", t0)
+    t0 = clock()
+    pairs["ROUGE-L"] = [rouge_l(r, h) for r, h in zip(refs, hyps)]
+    out["ROUGE-L"] = _metric(np.mean(pairs["ROUGE-L"]), "ROUGE-L")
+    tick("rouge_l", t0)
+    if per_pair:
+        out["_per_pair"] = pairs
     return out
