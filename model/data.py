@@ -23,7 +23,7 @@ from model.prompt import (
     format_target,
     wrap_prompt,
 )
-from pipeline.constants import REGIONS
+from pipeline.constants import REGIONS, TOKEN_MASKS
 from pipeline.feature_store import FeatureStore
 
 
@@ -48,7 +48,10 @@ def _missing_error(what: str, missing: list[str], n: int) -> ValueError:
 class ReportDataset(Dataset):
     """One item per report row: token ids, labels and the volume's cached features.
 
-    `with_targets=False` builds prompt-only items (generation).
+    `with_targets=False` builds prompt-only items (generation). With targets, a row whose target text
+    is empty (stage 1: no findings; stage 2: all six region texts empty) is left out and counted in
+    `n_empty_targets` (learning to stop at once teaches nothing); a target cut at `max_length` is kept
+    up to the cut (no EOS) and counted in `n_truncated`. The prompt is never cut.
     """
 
     def __init__(
@@ -86,6 +89,30 @@ class ReportDataset(Dataset):
             missing = [v for v in ids if v not in attr_text]
             if missing:
                 raise _missing_error("attribute row", missing, len(ids))
+        if use_mask_tokens:
+            cached = store.attrs.get("masks")
+            if cached is not None and list(cached) != list(TOKEN_MASKS):
+                lacking = [m for m in TOKEN_MASKS if m not in cached]
+                raise ValueError(
+                    f"volume {ids[0] if ids else '?'} (and every volume of this cache): the feature cache holds "
+                    f"masks {list(cached)}, the prompt needs {list(TOKEN_MASKS)}"
+                    + (f" (lacking {lacking})" if lacking else "")
+                    + "; rebuild the features with the current regions table"
+                )
+        self.n_empty_targets = 0
+        self.n_truncated = 0
+        self.empty_target_ids: list[str] = []
+        self.truncated_ids: list[str] = []
+        if with_targets:
+            rows = reports.to_dict("records")
+            keep = [i for i, r in enumerate(rows) if not _target_is_empty(r, stage)]
+            kept = set(keep)
+            self.empty_target_ids = [v for i, v in enumerate(ids) if i not in kept]
+            self.n_empty_targets = len(self.empty_target_ids)
+            if ids and not keep:
+                raise ValueError(f"all {len(ids)} report rows have an empty stage-{stage} target text")
+            ids = [ids[i] for i in keep]
+            reports = reports.iloc[keep]
         self.volume_ids = ids
 
         prompts = [
@@ -111,8 +138,12 @@ class ReportDataset(Dataset):
             targets = [format_target(r, stage) for r in rows]
             tenc = tokenizer(targets, add_special_tokens=False)["input_ids"] if ids else []
             eos = tokenizer.eos_token_id
-            for p, t in zip(prompt_ids, tenc):
-                inp, _ = build_example(p, list(t) + ([eos] if eos is not None else []), max_length)
+            for vid, p, t in zip(ids, prompt_ids, tenc):
+                target = list(t) + ([eos] if eos is not None else [])
+                inp, _ = build_example(p, target, max_length)
+                if len(inp) - len(p) < len(target):
+                    self.n_truncated += 1
+                    self.truncated_ids.append(vid)
                 self.input_ids.append(np.asarray(inp, dtype=np.int32))
                 self.prompt_lengths.append(len(p))
         else:
@@ -139,9 +170,25 @@ class ReportDataset(Dataset):
             "vision": torch.from_numpy(np.concatenate([f["global"], f["region"]], axis=0).astype(np.float32)),
         }
         if self.use_mask_tokens:
-            item["mask_pooled"] = torch.from_numpy(f["mask_pooled"].astype(np.float32))
-            item["mask_grid"] = torch.from_numpy(f["mask_grid"].astype(np.float32))
+            pooled, grid = self._mask_arrays(vid, f)
+            item["mask_pooled"] = torch.from_numpy(pooled.astype(np.float32))
+            item["mask_grid"] = torch.from_numpy(grid.astype(np.float32))
         return item
+
+    @staticmethod
+    def _mask_arrays(vid: str, f: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The volume's mask_pooled / mask_grid, one row per prompt mask, or an error naming the volume."""
+        absent = [k for k in ("mask_pooled", "mask_grid") if k not in f]
+        if absent:
+            raise ValueError(f"volume {vid}: the feature cache has no {' / '.join(absent)} (mask tokens need them)")
+        pooled, grid = f["mask_pooled"], f["mask_grid"]
+        n = len(TOKEN_MASKS)
+        if pooled.shape[0] != n or grid.shape[0] != n:
+            raise ValueError(
+                f"volume {vid}: the feature cache holds {pooled.shape[0]} mask_pooled / {grid.shape[0]} mask_grid "
+                f"rows, the prompt has {n} <mask><pos> pairs ({', '.join(TOKEN_MASKS)})"
+            )
+        return pooled, grid
 
 
 class Collator:
@@ -243,6 +290,17 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.batches()
+
+
+def _target_is_empty(row: dict[str, Any], stage: int) -> bool:
+    cols = ("findings",) if stage == 1 else REGIONS
+    return not any(_text(row.get(c)).strip() for c in cols)
+
+
+def _text(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return str(x)
 
 
 def build_dataset(

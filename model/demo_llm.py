@@ -143,6 +143,28 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: i
     return losses
 
 
+def attribute_texts(paths: Iterable[str | os.PathLike], volume_ids: Iterable[str] | None = None) -> list[str]:
+    """The attribute blocks of Fig. 5 (`prompt` column) of the given volumes, on their own: a real LM can
+    read "Nodule: - count: 2 ..." lines; the demo LM learns their words and numbers here. They are never
+    paired with a report in pre-training: relating the two is what stage 2 has to learn."""
+    import pandas as pd
+
+    keep = None if volume_ids is None else set(map(str, volume_ids))
+    texts: list[str] = []
+    for path in paths:
+        df = pd.read_parquet(path, columns=["volume_id", "prompt"])
+        if keep is not None:
+            df = df[df["volume_id"].astype(str).isin(keep)]
+        texts.extend(str(t) for t in df["prompt"].fillna("") if str(t).strip())
+    return texts
+
+
+def report_volume_ids(paths: Iterable[str | os.PathLike]) -> list[str]:
+    import pandas as pd
+
+    return [str(v) for p in paths for v in pd.read_parquet(p, columns=["volume_id"])["volume_id"]]
+
+
 def report_texts(paths: Iterable[str | os.PathLike]) -> list[str]:
     """Training text for the tokenizer: findings and the region texts of every report row."""
     import pandas as pd
@@ -168,6 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--reports", nargs="+", required=True, help="reports parquet(s) with findings + region columns"
     )
+    ap.add_argument(
+        "--attributes",
+        nargs="*",
+        default=[],
+        help="attribute parquet(s) (`prompt` column): the text of the --reports volumes joins the tokenizer "
+        "and pre-training texts",
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--vocab-size", type=int, default=2000)
     ap.add_argument("--hidden-size", type=int, default=128)
@@ -185,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = build_demo_llm(
         args.out,
-        report_texts(args.reports),
+        report_texts(args.reports) + attribute_texts(args.attributes, report_volume_ids(args.reports)),
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
         layers=args.layers,

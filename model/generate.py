@@ -4,8 +4,11 @@
         --features results/features/enc/shard-*.zarr --attributes results/attributes/shard-*.parquet \\
         --reports results/reports/test.parquet --out results/experiments/full/predictions.parquet
 
-Output parquet: volume_id, the six region columns, `report` (non-empty region texts merged in region
-order) and `raw` (the generated text). Written to a temporary name and renamed into place.
+Greedy by default; `--num-beams N` for beam search, `--do-sample` (with `--temperature`, `--top-p`,
+`--seed`) for sampling. Output parquet: volume_id, the six region columns, `report` (non-empty region
+texts merged in region order) and `raw` (the generated text). Written to a temporary name and renamed
+into place. A section that is missing from the generated text is an empty region text; the log counts
+them per region, and counts texts with no section header at all and sections written more than once.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ def predict(
     max_new_tokens: int = 256,
     batch_size: int = 4,
     device: str | None = None,
+    num_beams: int = 1,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ):
     import pandas as pd
     from tqdm.auto import tqdm
@@ -55,6 +63,7 @@ def predict(
     collate = Collator(model.tokenizer.pad_token_id, padding_side="left")
     # similar prompt lengths together; results are put back in report order
     order = sorted(range(len(ds)), key=lambda i: -ds.lengths[i])
+    torch.manual_seed(seed)
     raw: dict[str, str] = {}
     for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=len(order) <= batch_size):
         items = [ds[i] for i in order[s : s + batch_size]]
@@ -62,7 +71,14 @@ def predict(
         with torch.autocast(
             device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=dtype is not None
         ):
-            texts = model.generate(batch, max_new_tokens=max_new_tokens)
+            texts = model.generate(
+                batch,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+            )
         raw.update(zip(batch["volume_ids"], texts))
     rows = []
     for vid in ds.volume_ids:
@@ -71,6 +87,23 @@ def predict(
         report = merge_regions(regions) if cfg.stage == 2 else text
         rows.append({"volume_id": vid, **regions, "report": report, "raw": text})
     return pd.DataFrame(rows, columns=["volume_id", *REGIONS, "report", "raw"])
+
+
+def section_counts(df) -> dict:
+    """Missing sections per region, texts without any header, and sections written more than once."""
+    from model.prompt import _HEADER_RE
+
+    no_header = repeated = 0
+    for text in df["raw"]:
+        heads = [m.group(1).lower() for m in _HEADER_RE.finditer(text or "")]
+        no_header += not heads
+        repeated += len(heads) - len(set(heads))
+    return {
+        "volumes": len(df),
+        "empty_sections": {r: int((df[r].str.strip() == "").sum()) for r in REGIONS},
+        "texts_without_any_section": int(no_header),
+        "repeated_sections": int(repeated),
+    }
 
 
 def main(argv=None) -> int:
@@ -83,6 +116,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (1: greedy)")
+    ap.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="RNG seed for sampling")
     args = ap.parse_args(argv)
     df = predict(
         args.model,
@@ -92,12 +130,20 @@ def main(argv=None) -> int:
         args.max_new_tokens,
         args.batch_size,
         args.device,
+        num_beams=args.num_beams,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     df.to_parquet(tmp, index=False)
     os.replace(tmp, out)
+    import json
+
+    print(json.dumps({"sections": section_counts(df)}), file=sys.stderr)
     print(f"{len(df)} predictions written to {out}")
     return 0
 

@@ -309,8 +309,20 @@ class MedRegionCT(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], max_new_tokens: int = 256) -> list[str]:
-        """Greedy decoding of a left-padded batch (see model.data.Collator(padding_side='left'))."""
+    def generate(
+        self,
+        batch: dict[str, Any],
+        max_new_tokens: int = 256,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[str]:
+        """Decode a left-padded batch (see model.data.Collator(padding_side='left')).
+
+        Greedy by default; `num_beams > 1` is beam search, `do_sample=True` samples (temperature, top_p;
+        seed the global RNG for repeatable samples).
+        """
         input_ids = batch["input_ids"]
         if input_ids.shape[0] > 1 and bool((batch["attention_mask"][:, -1] == 0).any()):
             raise ValueError("generate needs a left-padded batch")
@@ -328,8 +340,9 @@ class MedRegionCT(nn.Module):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
+            do_sample=do_sample,
+            num_beams=num_beams,
+            **({"temperature": temperature, "top_p": top_p} if do_sample else {}),
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
             suppress_tokens=[self.img_token_id, self.mask_token_id, self.pos_token_id],

@@ -8,17 +8,23 @@
 
 Stage 1 trains the connector on full findings (LM frozen); stage 2 (`--init <stage1 out>`) trains
 connector + mask extractor + LoRA on the structured 6-region target. Single process works with plain
-`python -m model.train`. `--resume` continues from the latest complete checkpoint in <out>/checkpoints.
-The run's result is <out>/medregion_config.json (written last by save_pretrained).
+`python -m model.train`; the workflow starts it through `python -m model.launch` (torchrun for several
+CPU processes, `accelerate launch` otherwise). `--resume` continues from the latest complete checkpoint
+in <out>/checkpoints; a checkpoint written under a different experiment (stage, parameters, network,
+LM, stage-1 folder, training volumes, process count) is refused (`--on-mismatch fail`, the default) or
+set aside and training starts over (`--on-mismatch restart`, what the rule uses: a changed config
+reruns the rule). The run's result is <out>/medregion_config.json (written last by save_pretrained).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -67,7 +73,60 @@ def parse_args(argv=None):
     ap.add_argument("--init", default=None, help="stage-1 output folder whose connector starts stage 2")
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    ap.add_argument(
+        "--on-mismatch",
+        choices=("fail", "restart"),
+        default="fail",
+        help="a checkpoint of a different experiment config: refuse (fail) or remove it and start over",
+    )
     return ap.parse_args(argv)
+
+
+# Parameters that change how a run is carried out, not what it computes: a resumed run may change them.
+RUNTIME_PARAMS = ("log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "stop_after_steps")
+
+
+def experiment_identity(params: dict, network: dict, args, train_ids: list[str], num_processes: int) -> dict:
+    """What a checkpoint must agree on to be resumed by this run (JSON-ready, compared key by key)."""
+
+    def where(path):
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    net = {k: v for k, v in network.items() if k not in ("llm_path", "extra", "llm_hidden")}
+    return {
+        "stage": args.stage,
+        "params": {k: v for k, v in params.items() if k not in RUNTIME_PARAMS},
+        "network": net,
+        "features": network.get("extra", {}).get("features", {}),
+        "llm": where(args.llm),
+        "init": _init_identity(args.init),
+        "train_volumes": hashlib.sha256("\n".join(train_ids).encode()).hexdigest()[:16],
+        "num_processes": num_processes,
+    }
+
+
+def _init_identity(init) -> dict | None:
+    """The stage-1 folder a stage-2 run starts from, with a hash of its weights (a retrained stage 1
+    makes stage-2 checkpoints stale)."""
+    if not init:
+        return None
+    from model.network import WEIGHTS_NAME
+
+    f = Path(init) / WEIGHTS_NAME
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.exists() else None
+    return {"path": str(Path(init).resolve()), "weights_sha256": digest}
+
+
+def identity_diff(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ (one level into dicts)."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{kk}: {a.get(kk)!r} -> {b.get(kk)!r}" for kk in sorted(set(a) | set(b)) if a.get(kk) != b.get(kk)]
+        elif a != b:
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out
 
 
 def resolve_params(stage: int, params_json: str) -> dict:
@@ -82,6 +141,58 @@ def resolve_params(stage: int, params_json: str) -> dict:
         if params[k] is None:
             params[k] = v
     return params
+
+
+def network_config(store, p: dict, llm: str, stage: int):
+    """The network's config from the feature cache's shapes and the training parameters."""
+    from model.network import MedRegionCTConfig
+
+    probe = store[store.volume_ids[0]]
+    return MedRegionCTConfig(
+        llm_path=llm,
+        encoder_hidden=int(probe["global"].shape[-1]),
+        n_global=int(probe["global"].shape[0]),
+        n_region=int(probe["region"].shape[0]),
+        n_masks=int(probe["mask_pooled"].shape[0]),
+        levels=int(probe["mask_pooled"].shape[1]),
+        mask_grid=tuple(int(s) for s in probe["mask_grid"].shape[1:]),
+        connector=p["connector"],
+        mask_hidden=p["mask_hidden"],
+        use_mask_tokens=p["use_mask_tokens"],
+        use_attributes=p["use_attributes"],
+        pooling=p["pooling"],
+        stage=stage,
+        lora_r=p["lora_r"],
+        lora_alpha=p["lora_alpha"],
+        lora_dropout=p["lora_dropout"],
+        lora_targets=tuple(p["lora_targets"]),
+        max_length=p["max_length"],
+        extra={"features": {k: v for k, v in store.attrs.items() if isinstance(v, (str, int, float, bool))}},
+    )
+
+
+# what a stage-1 folder must share with the stage-2 run that starts from it
+INIT_MUST_MATCH = ("encoder_hidden", "n_global", "n_region", "connector", "pooling")
+
+
+def check_init(init: Path, config) -> None:
+    """Refuse a stage-1 folder of another experiment (other features, pooling, connector, LM)."""
+    from model.network import CONFIG_NAME
+
+    f = init / CONFIG_NAME
+    if not f.exists():
+        raise SystemExit(f"--init {init}: no {CONFIG_NAME} (not a finished stage-1 run)")
+    saved = json.loads(f.read_text())
+    diff = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in INIT_MUST_MATCH if saved.get(k) != getattr(config, k)]
+    a, b = saved.get("extra", {}).get("features", {}), config.extra.get("features", {})
+    diff += [f"features.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if saved.get("stage") != 1:
+        diff.append(f"stage: {saved.get('stage')!r} (expected a stage-1 folder)")
+    if diff:
+        raise SystemExit(
+            f"--init {init} was trained under a different experiment config; not loading it. Differences "
+            f"(stage 1 -> this run): {'; '.join(diff[:8])}"
+        )
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -143,13 +254,16 @@ def main(argv=None) -> int:
     from transformers import get_cosine_schedule_with_warmup
 
     from model.data import Collator, LengthGroupedBatchSampler, build_dataset
-    from model.network import WEIGHTS_NAME, MedRegionCT, MedRegionCTConfig
+    from model.network import WEIGHTS_NAME, MedRegionCT
     from pipeline.feature_store import FeatureStore
 
     # without a GPU, say cpu=True: otherwise `torchrun --nproc_per_node N` on CPU gives N unrelated
     # single-process runs instead of N gloo ranks
     accelerator = Accelerator(gradient_accumulation_steps=p["grad_accum"], cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
+    from accelerate.utils import gather_object
+
+    ranks = gather_object([{"rank": accelerator.process_index, "pid": os.getpid(), "host": socket.gethostname()}])
     set_seed(p["seed"])
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if is_deepspeed:  # our loaders use a batch sampler, so DeepSpeed cannot infer the micro-batch
@@ -161,33 +275,13 @@ def main(argv=None) -> int:
 
     # ---- model -------------------------------------------------------------------------------
     store = FeatureStore(args.features)
-    probe = store[store.volume_ids[0]]
-    config = MedRegionCTConfig(
-        llm_path=args.llm,
-        encoder_hidden=int(probe["global"].shape[-1]),
-        n_global=int(probe["global"].shape[0]),
-        n_region=int(probe["region"].shape[0]),
-        n_masks=int(probe["mask_pooled"].shape[0]),
-        levels=int(probe["mask_pooled"].shape[1]),
-        mask_grid=tuple(int(s) for s in probe["mask_grid"].shape[1:]),
-        connector=p["connector"],
-        mask_hidden=p["mask_hidden"],
-        use_mask_tokens=p["use_mask_tokens"],
-        use_attributes=p["use_attributes"],
-        pooling=p["pooling"],
-        stage=args.stage,
-        lora_r=p["lora_r"],
-        lora_alpha=p["lora_alpha"],
-        lora_dropout=p["lora_dropout"],
-        lora_targets=tuple(p["lora_targets"]),
-        max_length=p["max_length"],
-        extra={"features": {k: v for k, v in store.attrs.items() if isinstance(v, (str, int, float, bool))}},
-    )
+    config = network_config(store, p, args.llm, args.stage)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}[p["llm_dtype"]]
     if dtype is None:
         dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     model = MedRegionCT.from_config(config, dtype=dtype)
     if args.init:  # stage 2 starts from stage 1's connector
+        check_init(Path(args.init), config)
         loaded = model.load_own_weights(
             Path(args.init) / WEIGHTS_NAME, strict=False, prefixes=("connector.",)
         )
@@ -268,7 +362,8 @@ def main(argv=None) -> int:
         accelerator.save_state(str(tmp), **kw)
         accelerator.wait_for_everyone()
         if is_main:
-            state = {"step": step, "epoch": epoch, "batches_done": batches_done, "params": p}
+            state = {"step": step, "epoch": epoch, "batches_done": batches_done, "params": p,
+                     "experiment": identity}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -280,14 +375,32 @@ def main(argv=None) -> int:
         accelerator.wait_for_everyone()
 
     # ---- resume ------------------------------------------------------------------------------
-    global_step, start_epoch, skip_batches = 0, 0, 0
-    if args.resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+    identity = experiment_identity(p, config.to_dict(), args, train_ds.volume_ids, accelerator.num_processes)
+    global_step, start_epoch, skip_batches, resumed_after_epoch_end = 0, 0, 0, False
+    ckpt = latest_checkpoint(ckpt_dir) if args.resume else None
+    if ckpt is not None:
+        saved = json.loads((ckpt / "trainer_state.json").read_text()).get("experiment")
+        diff = ["no experiment record (written by an older trainer)"] if saved is None else identity_diff(saved, identity)
+        if diff:
+            msg = (
+                f"{ckpt} was written by a different experiment config; not loading it. Differences "
+                f"(checkpoint -> this run): {'; '.join(diff[:8])}"
+            )
+            if args.on_mismatch == "fail":
+                raise SystemExit(msg + f". Remove {ckpt_dir} or pass --on-mismatch restart to start over.")
+            accelerator.print(msg + f". --on-mismatch restart: removing {ckpt_dir}, starting over.")
+            accelerator.wait_for_everyone()
+            if is_main:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+            accelerator.wait_for_everyone()
+            ckpt = None
+    if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         kw = {"load_module_strict": False} if is_deepspeed else {"strict": False}
         accelerator.load_state(str(ckpt), **kw)
         global_step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_done"]
         if skip_batches >= len(train_loader):
-            start_epoch, skip_batches = start_epoch + 1, 0
+            start_epoch, skip_batches, resumed_after_epoch_end = start_epoch + 1, 0, True
         if is_main:  # drop log lines of work after the checkpoint: it is done again
             recs = [r for r in read_log(log_path) if r.get("step", 0) <= global_step]
             log_path.write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -311,10 +424,21 @@ def main(argv=None) -> int:
             "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps,
             "num_processes": accelerator.num_processes,
+            "ranks": ranks,
             "mixed_precision": accelerator.mixed_precision,
+            "truncated_targets": train_ds.n_truncated + val_ds.n_truncated,
+            "truncated_volumes": (train_ds.truncated_ids + val_ds.truncated_ids)[:20],
+            "empty_targets_dropped": train_ds.n_empty_targets + val_ds.n_empty_targets,
+            "empty_target_volumes": (train_ds.empty_target_ids + val_ds.empty_target_ids)[:20],
             "params": p,
         }
     )
+    if is_main and train_ds.n_truncated + val_ds.n_truncated:
+        bar_msg = f"{train_ds.n_truncated + val_ds.n_truncated} target(s) cut at max_length={p['max_length']}"
+        print(bar_msg, file=sys.stderr)
+    if is_main and train_ds.n_empty_targets + val_ds.n_empty_targets:
+        print(f"{train_ds.n_empty_targets + val_ds.n_empty_targets} report(s) with an empty target left out",
+              file=sys.stderr)
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -337,8 +461,28 @@ def main(argv=None) -> int:
 
     # ---- training loop -----------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=global_step, disable=not is_main, desc=f"stage {args.stage}")
-    run_loss, run_n, t0, stopped = 0.0, 0, time.time(), False
+    t0, stopped = time.time(), False
+    run_loss = torch.zeros((), device=accelerator.device)  # summed on device: no sync per micro-batch
+    run_n = 0
+    # throughput of the loop itself (forward, backward, step, data, logging); validation and
+    # checkpoint writes are timed apart
+    tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    side_s = 0.0
     model.train()
+
+    def validate(epoch_done: int) -> None:
+        nonlocal side_s
+        t = time.time()
+        val_loss = evaluate()
+        side_s += time.time() - t
+        log({"step": global_step, "epoch": epoch_done, "val_loss": val_loss})
+        if is_main:
+            bar.write(f"epoch {epoch_done}: validation loss {val_loss:.4f}")
+
+    if resumed_after_epoch_end and not any(
+        "val_loss" in r and r.get("epoch") == start_epoch for r in read_log(log_path)
+    ):  # killed between the epoch's last checkpoint and its validation
+        validate(start_epoch)
     for epoch in range(start_epoch, p["epochs"]):
         train_sampler.set_epoch(epoch)
         train_loader.set_epoch(epoch)
@@ -355,16 +499,15 @@ def main(argv=None) -> int:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            run_loss += loss.detach().float().item()
+            run_loss += loss.detach().float()
             run_n += 1
+            tokens += batch["attention_mask"].sum()
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             bar.update(1)
             if global_step % p["log_every"] == 0 or global_step == total_steps:
-                mean = accelerator.reduce(
-                    torch.tensor(run_loss / run_n, device=accelerator.device), "mean"
-                ).item()
+                mean = accelerator.reduce(run_loss / run_n, "mean").item()
                 log(
                     {
                         "step": global_step,
@@ -375,19 +518,21 @@ def main(argv=None) -> int:
                     }
                 )
                 bar.set_postfix(loss=f"{mean:.3f}")
-                run_loss, run_n = 0.0, 0
+                run_loss.zero_()
+                run_n = 0
             if p["checkpoint_every"] and global_step % p["checkpoint_every"] == 0:
+                t = time.time()
                 save_checkpoint(global_step, epoch, bi + 1)
+                side_s += time.time() - t
             if p["stop_after_steps"] and global_step >= p["stop_after_steps"]:
                 stopped = True
                 break
         if stopped:
             break
-        val_loss = evaluate()
-        log({"step": global_step, "epoch": epoch + 1, "val_loss": val_loss})
-        if is_main:
-            bar.write(f"epoch {epoch + 1}: validation loss {val_loss:.4f}")
+        validate(epoch + 1)
     bar.close()
+    loop_s = time.time() - t0 - side_s
+    all_tokens = int(accelerator.reduce(tokens, "sum").item())
 
     # ---- finish ------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
@@ -396,7 +541,16 @@ def main(argv=None) -> int:
     if stopped:
         log({"event": "stopped", "step": global_step})
         return 0
-    log({"event": "done", "step": global_step, "elapsed_s": round(time.time() - t0, 2)})
+    log(
+        {
+            "event": "done",
+            "step": global_step,
+            "elapsed_s": round(time.time() - t0, 2),
+            "loop_s": round(loop_s, 3),
+            "train_tokens": all_tokens,
+            "tokens_per_s": round(all_tokens / max(loop_s, 1e-9), 1),
+        }
+    )
     if is_main:
         accelerator.unwrap_model(model).save_pretrained(out)
     accelerator.wait_for_everyone()

@@ -553,6 +553,22 @@ def train_args(tiny, stage, out, params, *extra):
     ]
 
 
+def run_process_group(cmd, env, timeout):
+    """Run cmd in its own process group; on timeout kill the whole group (launcher and every rank)."""
+    import signal
+
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd[:4]} timed out after {timeout} s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def log_records(out):
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
@@ -688,16 +704,15 @@ def test_train_two_cpu_processes(tiny, trained, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
+        "model.launch",  # as the train rule starts it: torchrun --standalone (a free port), 2 gloo ranks
+        "--accelerate-config",
+        str(REPO / "config" / "accelerate" / "cpu.yaml"),
+        "--processes",
         "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "model.train",
+        "--",
         *map(str, train_args(tiny, 2, out, params, "--init", trained["stage1"])),
     ]
-    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_process_group(cmd, env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     recs = log_records(out)
     assert recs[0]["num_processes"] == 2

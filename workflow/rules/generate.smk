@@ -1,3 +1,12 @@
+def decoding_flags():
+    """Greedy by default; beam search (num_beams > 1) or sampling (do_sample) from config["generate"]."""
+    g = config["generate"]
+    flags = f"--num-beams {g['num_beams']}"
+    if g["do_sample"]:
+        flags += f" --do-sample --temperature {g['temperature']} --top-p {g['top_p']} --seed {g['seed']}"
+    return flags
+
+
 rule generate:
     input:
         model=f"{RES}/experiments/{{exp}}/stage2/medregion_config.json",
@@ -10,6 +19,7 @@ rule generate:
         model_dir=lambda w: f"{RES}/experiments/{w.exp}/stage2",
         max_new_tokens=config["generate"]["max_new_tokens"],
         batch_size=config["generate"]["batch_size"],
+        decoding=decoding_flags(),
     log:
         f"{RES}/logs/generate/{{exp}}.log",
     benchmark:
@@ -20,4 +30,5 @@ rule generate:
     shell:
         "python -m model.generate --model {params.model_dir} --features {input.features}"
         " --attributes {input.attributes} --reports {input.test} --out {output}"
-        " --max-new-tokens {params.max_new_tokens} --batch-size {params.batch_size} > {log} 2>&1"
+        " --max-new-tokens {params.max_new_tokens} --batch-size {params.batch_size} {params.decoding}"
+        " > {log} 2>&1"

@@ -1,3 +1,19 @@
+def launch_flags():
+    """`python -m model.launch` flags from config["train"]: accelerate config file, processes, machines.
+
+    Several CPU processes start through torchrun (gloo), everything else through `accelerate launch`
+    (model/launch.py). On several machines the rank and head node come from $SLURM_NODEID / $MASTER_ADDR
+    at run time.
+    """
+    t = config["train"]
+    flags = ["--accelerate-config", repo_file(t["accelerate_config"])]
+    for key, flag in (("processes", "--processes"), ("machines", "--machines"),
+                      ("main_process_port", "--main-process-port")):
+        if t.get(key) is not None:
+            flags += [flag, str(t[key])]
+    return " ".join(shlex.quote(f) for f in flags)
+
+
 def train_params(stage):
     def inner(wildcards):
         return as_json({**config["train"][f"stage{stage}"], **experiment(wildcards.exp)})
@@ -21,7 +37,7 @@ rule train_stage1:
         f"{RES}/experiments/{{exp}}/stage1/medregion_config.json",
     params:
         cfg=train_params(1),
-        accelerate=repo_file(config["train"]["accelerate_config"]),
+        launch=launch_flags(),
         out=lambda w: f"{RES}/experiments/{w.exp}/stage1",
     log:
         f"{RES}/logs/train/{{exp}}-stage1.log",
@@ -31,10 +47,10 @@ rule train_stage1:
     conda:
         "../../envs/train.yaml"
     shell:
-        "accelerate launch --config_file {params.accelerate} -m model.train --stage 1"
+        "python -m model.launch {params.launch} -- --stage 1"
         " --params-json {params.cfg} --features {input.features} --attributes {input.attributes}"
         " --train-reports {input.train} --val-reports {input.val} --llm {input.llm}"
-        " --out {params.out} --resume > {log} 2>&1"
+        " --out {params.out} --resume --on-mismatch restart > {log} 2>&1"
 
 
 rule train_stage2:
@@ -45,7 +61,7 @@ rule train_stage2:
         f"{RES}/experiments/{{exp}}/stage2/medregion_config.json",
     params:
         cfg=train_params(2),
-        accelerate=repo_file(config["train"]["accelerate_config"]),
+        launch=launch_flags(),
         init=lambda w: f"{RES}/experiments/{w.exp}/stage1",
         out=lambda w: f"{RES}/experiments/{w.exp}/stage2",
     log:
@@ -56,7 +72,7 @@ rule train_stage2:
     conda:
         "../../envs/train.yaml"
     shell:
-        "accelerate launch --config_file {params.accelerate} -m model.train --stage 2"
+        "python -m model.launch {params.launch} -- --stage 2"
         " --params-json {params.cfg} --features {input.features} --attributes {input.attributes}"
         " --train-reports {input.train} --val-reports {input.val} --llm {input.llm}"
-        " --init {params.init} --out {params.out} --resume > {log} 2>&1"
+        " --init {params.init} --out {params.out} --resume --on-mismatch restart > {log} 2>&1"
