@@ -36,9 +36,24 @@ def unavailable_reason() -> str | None:
         return f"SLURM/munge not installed (missing {missing}): apt-get install slurm-wlm munge"
     if not Path("/etc/munge/munge.key").exists():
         return "no munge key at /etc/munge/munge.key"
+    _remove_stale_link()
     if ETC_CONF.exists() or ETC_CONF.is_symlink():
         return f"{ETC_CONF} exists: this machine has a SLURM setup of its own; not touching it"
     return None
+
+
+def _remove_stale_link() -> None:
+    """A link left by a test cluster that was killed before its teardown (its slurmctld is gone)."""
+    if not ETC_CONF.is_symlink():
+        return
+    target = Path(os.readlink(ETC_CONF))
+    if not target.parent.name.startswith("medregion-slurm-"):
+        return
+    pid_file = target.parent / "run" / "slurmctld.pid"
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (OSError, ValueError):
+        ETC_CONF.unlink()
 
 
 def _exe(name: str) -> str:
