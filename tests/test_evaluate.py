@@ -365,7 +365,7 @@ def test_no_prediction_with_a_reference_fails_naming_ids(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "pipeline.evaluate", "--predictions", str(pp), "--references", str(rp),
          "--experiment", "x", "--out", str(tmp_path / "metrics.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
     )
     assert r.returncode == 2
     assert "train_2_a_1" in r.stderr and "has a reference" in r.stderr
@@ -421,10 +421,10 @@ def test_java_missing_cli_reports_meteor_not_run(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "pipeline.evaluate", "--predictions", str(pp), "--references", str(rp),
          "--experiment", "nojava", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, env=env,
     )
     assert r.returncode == 0, r.stderr
-    m = json.loads(out.read_text())
+    m = json.loads(out.read_text(encoding="utf-8"))
     for key in ("METEOR", "METEOR report-mean"):
         entry = m["nlg"]["report"][key]
         assert entry["status"] == "not run" and entry["value"] is None
@@ -473,7 +473,7 @@ def test_table_cli(tmp_path):
     out = tmp_path / "tables"
     r = subprocess.run(
         [sys.executable, "-m", "pipeline.evaluate.table", "--metrics", *paths, "--out-dir", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
     )
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(out / "ablation.csv", keep_default_na=False)
@@ -485,14 +485,14 @@ def test_table_cli(tmp_path):
     assert float(df.loc[0, "METEOR-NLTK report-mean"]) == pytest.approx(0.69)
     # adapters that did not run are "not run", never 0
     assert (df["GREEN report-mean"] == "not run").all() and (df["Judge 0-100 report-mean"] == "not run").all()
-    md = (out / "ablation.md").read_text()
+    md = (out / "ablation.md").read_text(encoding="utf-8")
     assert "| ours |" in md and "not run" in md and "pycocoevalcap-1.2 Meteor jar" in md and "report-mean" in md
     png = (out / "ablation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     per_class = pd.read_csv(out / "ca_per_class.csv")
     assert len(per_class) == 2 * (18 + 3)
     assert set(per_class["class"]) == {*CTRATE_CLASSES, "macro average", "micro average", "weighted average"}
-    pmd = (out / "ca_per_class.md").read_text()
+    pmd = (out / "ca_per_class.md").read_text(encoding="utf-8")
     assert "| Hiatal hernia | 0 | n/a | n/a |" in pmd and "F1 ablation-r2" in pmd
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["ablation.csv", "ablation.md", "ablation.png", "ca_per_class.csv", "ca_per_class.md"]

@@ -169,7 +169,7 @@ def test_green_local_model_plumbing(tiny_llm, tmp_path):
     rc = green.main(["--predictions", str(pp), "--references", str(rp), "--model", str(tiny_llm), "--out", str(out),
                      "--device", "cpu", "--max-new-tokens", "4", "--batch-size", "2"])
     assert rc == 0
-    g = json.loads(out.read_text())
+    g = json.loads(out.read_text(encoding="utf-8"))
     assert g["n_pairs"] == 2 and len(g["per_report"]) == 2 and g["per_report"][0]["volume_id"] == "train_1_a_1"
     # a random model does not write GREEN's format: missing, reported, never 0
     assert g["n_unparsed"] == 2 and g["value"] is None and g["status"] == "failed"
@@ -294,7 +294,7 @@ def test_judge_cli_and_missing_api_key(judge_server, tmp_path):
     rc = judge.main(["--predictions", str(pp), "--references", str(rp), "--endpoint", judge_server,
                      "--model", "tiny-judge", "--out", str(out), "--retries", "0"])
     assert rc == 0
-    res = json.loads(out.read_text())
+    res = json.loads(out.read_text(encoding="utf-8"))
     assert res["value"] == 85.0 and res["n_missing"] == 1 and res["inputs"]["n_scored"] == 2
 
 

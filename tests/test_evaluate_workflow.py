@@ -80,7 +80,8 @@ def workdir(tmp_path: Path):
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "snakemake", "-s", "Snakefile", "--configfile", "config.yaml", "--cores", "2", *args]
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, encoding="utf-8", errors="replace", env=env,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -88,14 +89,14 @@ def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_evaluate_rules_config_judge_and_report(workdir: Path):
     _snakemake(workdir)
     res = workdir / "results"
-    m = json.loads((res / "experiments" / "full" / "metrics.json").read_text())
+    m = json.loads((res / "experiments" / "full" / "metrics.json").read_text(encoding="utf-8"))
     # config -> CLI: java from the config (missing -> METEOR not run, the rest computed), judge rule ran
     meteor = m["nlg"]["report"]["METEOR"]
     assert meteor["status"] == "not run" and "/nonexistent/jre/bin/java" in meteor["reason"]
     assert m["nlg"]["report"]["BLEU-4"]["value"] > 0.5
     assert m["judge"]["value"] == 50.0 and "tiny-judge" in m["judge"]["implementation"]
     assert m["green"]["status"] == "not run" and "evaluate.green" in m["green"]["reason"]
-    assert json.loads((res / "experiments" / "full" / "judge.json").read_text())["n_scored"] == 3
+    assert json.loads((res / "experiments" / "full" / "judge.json").read_text(encoding="utf-8"))["n_scored"] == 3
     table = pd.read_csv(res / "tables" / "ablation.csv", keep_default_na=False).set_index("experiment")
     assert table.loc["full", "METEOR jar corpus"] == "not run" and table.loc["full", "GREEN report-mean"] == "not run"
     assert float(table.loc["full", "Judge 0-100 report-mean"]) == 50.0

@@ -516,7 +516,7 @@ def test_accelerate_configs_parse():
 
 
 def run_cli(module, *args, check=True):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],
         check=False,
@@ -700,7 +700,7 @@ def test_train_two_cpu_processes(tiny, trained, tmp_path):
     """torchrun with 2 gloo ranks: one log, one writer, schedule laid out over the sharded batches."""
     out = tmp_path / "ddp"
     params = {**STAGE2_PARAMS, "epochs": 2, "checkpoint_every": 2}
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         "-m",

@@ -144,7 +144,8 @@ class MeteorScorer:
         jar = meteor_jar_path()
         if not jar.is_file():  # pragma: no cover - broken install
             raise MeteorUnavailable(f"METEOR jar missing at {jar}")
-        cmd = [exe, f"-Xmx{memory}", "-jar", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"]
+        # UTF-8 whatever the locale (Java 17 otherwise decodes stdin with the platform charset)
+        cmd = [exe, f"-Xmx{memory}", "-Dfile.encoding=UTF-8", "-jar", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"]
         try:
             self._p = subprocess.Popen(
                 cmd, cwd=jar.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
