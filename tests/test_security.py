@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 SOURCES = sorted(p for d in ("pipeline", "model", "benchmarks") for p in (REPO / d).rglob("*.py"))
