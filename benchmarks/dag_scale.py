@@ -46,7 +46,7 @@ def dry_run(root: Path, config: Path) -> tuple[float, dict[str, int]]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(root),
                            "--configfile", str(config), "-n", "--quiet", "rules", "all"],
-                          capture_output=True, text=True)
+                          capture_output=True, encoding="utf-8", errors="replace")
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])

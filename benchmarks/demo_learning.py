@@ -147,7 +147,7 @@ def run_demo(workdir: Path, configfiles: list[str], cores: int) -> float:
     for c in configfiles:
         cmd += ["--configfile", c]
     t = time.perf_counter()
-    proc = subprocess.run([*cmd, "all"], capture_output=True, text=True)
+    proc = subprocess.run([*cmd, "all"], capture_output=True, encoding="utf-8", errors="replace")
     if proc.returncode != 0:
         sys.exit(f"demo workflow failed:\n{proc.stderr[-4000:]}")
     return time.perf_counter() - t

@@ -45,7 +45,7 @@ def main() -> None:
     for rule, secs in sorted(per_rule.items(), key=lambda kv: -sum(kv[1])):
         print(f"{rule:<16}{len(secs):>5}{sum(secs):>9.1f}{statistics.median(secs):>10.1f}")
 
-    second = subprocess.run([*base, "all", "--dry-run"], capture_output=True, text=True)
+    second = subprocess.run([*base, "all", "--dry-run"], capture_output=True, encoding="utf-8", errors="replace")
     nothing = "Nothing to be done" in second.stdout + second.stderr
     print(f"second invocation: {'nothing to be done' if nothing else 'WOULD RUN JOBS'}")
     if not args.keep and args.workdir is None:

@@ -99,7 +99,8 @@ def peak_rss_of_ours(case: Path, threads: int) -> float:
             "d = pathlib.Path(tempfile.mkdtemp()); b.ours(pathlib.Path({case!r}), d, {threads});"
             "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
     code = code.format(repo=str(REPO), case=str(case), threads=threads)
-    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True,
+                         encoding="utf-8", errors="replace")
     return int(out.stdout.strip().splitlines()[-1]) / 1024.0
 
 

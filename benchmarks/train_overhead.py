@@ -67,7 +67,7 @@ def trainer(results: Path, stage: int, params: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         proc = subprocess.run([sys.executable, "-m", "model.train", *trainer_args(inp, stage, out, params)],
-                              cwd=REPO, capture_output=True, text=True)
+                              cwd=REPO, capture_output=True, encoding="utf-8", errors="replace")
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
         recs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             proc = subprocess.run([sys.executable, __file__, "--side", side, "--results", str(args.results),
                                    "--stage", str(args.stage), "--epochs", str(args.epochs),
                                    "--batch-size", str(args.batch_size)],
-                                  capture_output=True, text=True, cwd=REPO)
+                                  capture_output=True, encoding="utf-8", errors="replace", cwd=REPO)
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr[-3000:])
             res = json.loads(proc.stdout.strip().splitlines()[-1])

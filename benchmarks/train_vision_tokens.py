@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         for v in VARIANTS:
             proc = subprocess.run([sys.executable, __file__, "--variant", v, "--results", str(args.results),
                                    "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
-                                  capture_output=True, text=True, cwd=REPO)
+                                  capture_output=True, encoding="utf-8", errors="replace", cwd=REPO)
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr[-3000:])
             res = json.loads(proc.stdout.strip().splitlines()[-1])

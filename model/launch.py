@@ -49,7 +49,7 @@ def read_accelerate_config(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"accelerate config {p} not found")
-    cfg = yaml.safe_load(p.read_text()) or {}
+    cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     if not isinstance(cfg, dict):
         raise ValueError(f"{p}: not a YAML mapping")
     return cfg

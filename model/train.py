@@ -213,7 +213,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 def read_log(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def plot_loss(log_path: Path, png_path: Path) -> None:

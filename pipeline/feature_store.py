@@ -245,7 +245,7 @@ def write_feature_shard(
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FeatureStoreError(f"{path.parent}: not a Zarr v3 store (no zarr.json)") from None
     except (OSError, ValueError) as exc:

@@ -101,7 +101,7 @@ class LabelTable:
 
     @classmethod
     def load(cls, path: Path | str) -> LabelTable:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         channels = tuple(raw["channels"])
         if channels != CHANNELS:
             raise ValueError(f"{path}: channels {channels} differ from pipeline.constants.CHANNELS")
@@ -319,7 +319,7 @@ class _Merger:
     def add_file(self, path: Path, word: int) -> bool:
         """Merge one binary mask; returns True when it had to be resampled onto the CT grid."""
         flat, resampled = self._mask_voxels(path)
-        self._or_into(self._validated(flat, path), word)
+        self._or_into(self._validated(flat, path), word, path)
         return resampled
 
     def _mask_voxels(self, path: Path) -> tuple[np.ndarray, bool]:
@@ -389,14 +389,15 @@ class _Merger:
                              f"(range {lo}..{hi}): expected a binary mask")
         return flat.astype(np.uint8)
 
-    def _or_into(self, flat: np.ndarray, word: int) -> None:
+    def _or_into(self, flat: np.ndarray, word: int, path: Path | None = None) -> None:
         nz, ny, nx = self.grid.shape
         per_slice = flat.reshape(nz, ny * nx).max(axis=1)  # one pass: validation and z-range
         top = int(per_slice.max())
         if top == 0:
             return
         if top > 1:
-            raise InputError(f"volume {self.volume_id}: a mask has values other than 0 and 1 (found {top})")
+            raise InputError(f"volume {self.volume_id}: mask {path or '(unnamed)'} has values other than 0 and 1 "
+                             f"(found {top}): expected a binary mask")
         zs = np.flatnonzero(per_slice)
         z0, z1 = int(zs[0]), int(zs[-1]) + 1
         slab = flat[z0 * ny * nx : z1 * ny * nx].reshape(z1 - z0, ny, nx)
@@ -566,7 +567,7 @@ def merge_volume(
 def read_label_names(path: Path | str) -> dict[int, str]:
     """`id<TAB>name` lines (comments with #) -> {id: name}; e.g. TotalSegmentator's class map."""
     names: dict[int, str] = {}
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         key, name = line.split("\t")[:2]

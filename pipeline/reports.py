@@ -34,7 +34,7 @@ __all__ = ["assign_regions", "classify_sentence", "split_report", "split_sentenc
 
 
 def load_report_regions(table: Path) -> dict[str, str]:
-    raw = yaml.safe_load(Path(table).read_text())
+    raw = yaml.safe_load(Path(table).read_text(encoding="utf-8"))
     mapping = {str(k): str(v) for k, v in raw["report_regions"].items()}
     bad = sorted(set(mapping.values()) - set(REGIONS) - {KEYWORDS})
     if bad:

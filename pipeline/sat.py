@@ -78,7 +78,7 @@ def inference_command(checkout: Path | str, jsonl: Path | str, out_dir: Path | s
 def run_inference(cmd: Sequence[str], checkout: Path | str, log: Path | None = None) -> None:
     """Run SAT; a failure raises with the tail of its output."""
     env = {**os.environ, "PYTHONPATH": str(checkout) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(list(cmd), cwd=str(checkout), capture_output=True, text=True, env=env)
+    proc = subprocess.run(list(cmd), cwd=str(checkout), capture_output=True, encoding="utf-8", errors="replace", env=env)
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(proc.stdout + "\n" + proc.stderr)

@@ -53,7 +53,7 @@ def run(volume_id: str, ct_path: Path | str, out_file: Path | str, command: str 
     with atomic_output(out_file) as tmp:
         tmp_nii = tmp.with_name(tmp.name + ".nii.gz")
         cmd = [*exe, "-i", str(ct_path), "-o", str(tmp_nii), "--ml", *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace")
         if proc.returncode != 0 or not tmp_nii.is_file():
             tmp_nii.unlink(missing_ok=True)
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]

@@ -139,7 +139,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self._wait(lambda: self._out(["sinfo", "-h", "-o", "%t"]).strip() == "idle", "slurmd")
 
     def _out(self, cmd: list[str]) -> str:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env)
+        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=self.env)
         return proc.stdout
 
     def _wait(self, ok, what: str, timeout: float = 30.0) -> None:

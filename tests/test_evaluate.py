@@ -365,7 +365,7 @@ def test_no_prediction_with_a_reference_fails_naming_ids(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "pipeline.evaluate", "--predictions", str(pp), "--references", str(rp),
          "--experiment", "x", "--out", str(tmp_path / "metrics.json")],
-        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
+        cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=120,
     )
     assert r.returncode == 2
     assert "train_2_a_1" in r.stderr and "has a reference" in r.stderr
@@ -421,7 +421,7 @@ def test_java_missing_cli_reports_meteor_not_run(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "pipeline.evaluate", "--predictions", str(pp), "--references", str(rp),
          "--experiment", "nojava", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, env=env,
+        cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=env,
     )
     assert r.returncode == 0, r.stderr
     m = json.loads(out.read_text(encoding="utf-8"))
@@ -473,7 +473,7 @@ def test_table_cli(tmp_path):
     out = tmp_path / "tables"
     r = subprocess.run(
         [sys.executable, "-m", "pipeline.evaluate.table", "--metrics", *paths, "--out-dir", str(out)],
-        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
+        cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=120,
     )
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(out / "ablation.csv", keep_default_na=False)

@@ -516,7 +516,8 @@ def test_interrupted_shard_is_incomplete_and_rebuilt_on_rerun(shard, encoder_dir
         "stage.encode_prepared = dying\n"
         "stage.main(sys.argv[1:])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True,
+                          encoding="utf-8", errors="replace",
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert proc.returncode == 9, proc.stderr[-2000:]
     tmp = temporary_path(out)
@@ -549,7 +550,8 @@ def test_skip_mode_drops_a_bad_volume_and_fail_mode_leaves_nothing(shard, encode
 
 def test_gpu_benchmark_script_runs_in_tiny_mode(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_features.py"), "--tiny", "--device", "cpu",
-                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, encoding="utf-8", errors="replace",
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_features.json").read_text())
     assert result["sweep"] and result["encode_volume"]["slices_per_s"] > 0

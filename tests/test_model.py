@@ -523,7 +523,7 @@ def run_cli(module, *args, check=True):
         cwd=REPO,
         env=env,
         capture_output=True,
-        text=True,
+        encoding="utf-8", errors="replace",
         timeout=300,
     )
     if check and proc.returncode != 0:
@@ -558,7 +558,8 @@ def run_process_group(cmd, env, timeout):
     import signal
 
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
+        start_new_session=True
     )
     try:
         out, err = proc.communicate(timeout=timeout)

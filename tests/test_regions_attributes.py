@@ -23,7 +23,7 @@ TABLE = regions.LabelTable.load(REPO / "config" / "regions.yaml")
 
 
 def _names(path: Path) -> list[str]:
-    return [line.split("\t")[1] for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return [line.split("\t")[1] for line in path.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
 
 
 # --- label table -----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ SOURCES = sorted(p for d in ("pipeline", "model", "benchmarks") for p in (REPO /
 
 
 def _code_lines(path: Path):
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         stripped = line.split("#", 1)[0]
         if stripped.strip():
             yield n, stripped

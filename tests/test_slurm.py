@@ -48,7 +48,7 @@ def test_cluster_schedules_a_gpu_job(cluster: LocalSlurm) -> None:
 
     out = cluster.root / "gpu-job.out"
     proc = subprocess.run(["sbatch", "--parsable", "--gpus=1", "-c", "1", "-o", str(out), "--wrap", "echo ok"],
-                          capture_output=True, text=True, env=cluster.env, check=True)
+                          capture_output=True, encoding="utf-8", errors="replace", env=cluster.env, check=True)
     job_id = proc.stdout.strip().split(";")[0]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

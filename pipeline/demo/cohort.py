@@ -402,6 +402,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--n-slices", type=int, default=48)
     ap.add_argument("--spacing", type=float, nargs=3, default=(0.9, 0.9, 2.75), metavar=("X", "Y", "Z"))
     ap.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cpus))")
+    ap.add_argument("--radgenome-scale", action="store_true",
+                    help="instead: one RadGenome-size volume (360 x 300 x 110 at 1 x 1 x 3 mm) with all 210 "
+                         "structure files (pipeline.demo.radgenome_scale)")
     args = ap.parse_args(argv)
+    if args.radgenome_scale:
+        from pipeline.demo.radgenome_scale import write_radgenome_scale_case
+
+        write_radgenome_scale_case(args.out, args.seed)
+        print(f"[demo_cohort] wrote the RadGenome-scale case to {args.out}", flush=True)
+        return
     generate_demo_cohort(args.out, args.n_cases, args.seed, args.shape_xy, args.n_slices, tuple(args.spacing),
                          workers=args.workers, verbose=True)

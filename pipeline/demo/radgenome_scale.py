@@ -44,7 +44,7 @@ _NUMBERED = re.compile(r"^(?:(left|right) )?rib (\d+)$|^thoracic vertebrae (\d+)
 
 def radgenome_names(table: Path | str = DEFAULT_TABLE) -> tuple[list[str], dict[str, str]]:
     """(every RadGenome name of the label table, unused name -> reason)."""
-    raw = yaml.safe_load(Path(table).read_text())["vocabularies"]["radgenome"]
+    raw = yaml.safe_load(Path(table).read_text(encoding="utf-8"))["vocabularies"]["radgenome"]
     unused = {str(k): str(v) for k, v in (raw.get("unused") or {}).items()}
     return sorted([*map(str, raw["structures"]), *unused]), unused
 

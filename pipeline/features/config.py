@@ -32,7 +32,8 @@ class FeatureConfig:
       slice, with h / w closest to the patch grid's aspect). r2 needs s = number of regions.
     - `mask_grid` (d, h, w): mask occupancy grid of the spatial token; `mask_threshold`: area fraction
       above which a resized mask voxel counts as inside.
-    - `batch_size` slices per forward; `prefetch` volumes read and preprocessed ahead of the encoder
+    - `batch_size` slices per forward (a forward holds slices of one volume, so at most D are used);
+      `prefetch` volumes read and preprocessed ahead of the encoder
       by `workers` reader processes (0: one reader thread in the job's process). On a GPU node,
       reading + preprocessing (~0.5-1.5 s of CPU per volume) sets the pace: raise workers with the
       job's threads;

@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--max_queries", type=int, default=256)
     ap.add_argument("--batchsize_3d", type=int, default=2)
     args = ap.parse_args()
-    for line in Path(args.datasets_jsonl).read_text().splitlines():
+    for line in Path(args.datasets_jsonl).read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         datum = json.loads(line)
