@@ -403,11 +403,10 @@ def learnable(tmp_path_factory):
     df.iloc[48:].to_parquet(root / "val.parquet")
     pd.DataFrame({"volume_id": ids, "prompt": ["Organ Volumes: none"] * n}).to_parquet(root / "attributes.parquet")
     build_demo_llm(root / "llm", [format_structured(r) for r in rows[:48]], vocab_size=300, hidden_size=32,
-                   layers=2, heads=4, pretrain_steps=100, pretrain_lr=1e-2, pretrain_batch=8, pretrain_block=64)
+                   layers=2, heads=4, pretrain_steps=100, pretrain_lr=1e-2, pretrain_batch=8)
     return root
 
 
-@pytest.mark.xfail(reason="open (issue 8): 2 of 3 planted classes reproduced since the feature-cache change", strict=False)
 def test_generated_reports_follow_the_features(learnable, tmp_path):
     """After stage 2, each held-out volume's generated lung section is the one of its class (three
     different texts for three classes). Fails if the splice, the connector, the mask tokens or the
