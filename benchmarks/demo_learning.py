@@ -143,11 +143,13 @@ def probe(results: Path) -> dict:
 
 
 def run_demo(workdir: Path, configfiles: list[str], cores: int) -> float:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", str(cores)]
-    for c in configfiles:
-        cmd += ["--configfile", c]
+    # the target goes before --configfile, which takes every argument after it
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", str(cores),
+           "all"]
+    if configfiles:
+        cmd += ["--configfile", *configfiles]
     t = time.perf_counter()
-    proc = subprocess.run([*cmd, "all"], capture_output=True, encoding="utf-8", errors="replace")
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace")
     if proc.returncode != 0:
         sys.exit(f"demo workflow failed:\n{proc.stderr[-4000:]}")
     return time.perf_counter() - t
