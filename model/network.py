@@ -415,7 +415,11 @@ class MedRegionCT(nn.Module):
         self, path: str | os.PathLike, strict: bool = True, prefixes=("connector.", "mask_extractor.")
     ) -> list[str]:
         """Load connector / mask extractor weights from a connector_mask.safetensors; returns loaded keys."""
-        state = {k: v for k, v in load_file(str(path)).items() if k.startswith(tuple(prefixes))}
+        try:
+            loaded = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error type without the file name
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        state = {k: v for k, v in loaded.items() if k.startswith(tuple(prefixes))}
         own = {k: v for k, v in self.state_dict().items() if k.startswith(tuple(prefixes))}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

@@ -2,7 +2,8 @@
 
 Measured per volume, from `results/masks/shard-<k>.zarr`:
 - organ volumes: voxel count x voxel volume (mm^3) / 1000 -> ml, for the 5 lobes, 4 heart chambers,
-  liver and both kidneys;
+  liver and both kidneys (the counts the regions stage records in `channel_voxels` as it assembles
+  the array; counted here, inside `channel_boxes`, for a store without them);
 - lesions (nodule, cyst, effusion): connected components with 26-connectivity (faces, edges and
   corners touch), components smaller than `min_lesion_mm3` dropped; per component its diameter =
   the largest bounding-box extent in mm (voxel count along each axis x that axis' spacing: the
@@ -36,12 +37,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zarr
 from scipy import ndimage
 
 from pipeline.constants import ATTRIBUTE_STRUCTURES, CHANNELS, HEART_CHAMBERS, LESIONS, LOBES
 from pipeline.io import InputError, atomic_output, setup_logging, write_parquet
-from pipeline.regions import unpack_channel
+from pipeline.regions import open_masks, read_labels, unpack_channel
 
 DEFAULT_MIN_LESION_MM3 = 10.0
 LOCATION_PAD = 3  # voxels of dilation before measuring overlap
@@ -84,6 +84,7 @@ SCHEMA = pa.schema(
     + [pa.field("prompt", pa.string())]
 )
 QC_COLUMNS = ("volume_id", "stage", "status", "error")
+_SPARE: list[np.ndarray] = []  # run_shard's read buffer, kept for the next shard in this process
 
 
 def channel_counts(labels: np.ndarray, channels: Sequence[str]) -> dict[str, int]:
@@ -121,18 +122,24 @@ def boxed_counts(labels: np.ndarray, channels: Sequence[str], boxes: dict[str, S
 def volume_attributes(labels: np.ndarray, spacing_xyz: Sequence[float],
                       min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3,
                       available: Sequence[str] | None = None,
-                      boxes: dict[str, Sequence[int]] | None = None) -> dict[str, object]:
+                      boxes: dict[str, Sequence[int]] | None = None,
+                      voxels: dict[str, int] | None = None) -> dict[str, object]:
     """All attribute columns of one volume except `volume_id` and `prompt`.
 
     `available`: channels the segmentation provides (None: all); others get NaN volumes / not assessed.
     `boxes`: each non-empty channel's bounding box (z0, z1, y0, y1, x0, x1) as the regions stage
     records it; when given, counting and lesion search look only inside them.
+    `voxels`: each channel's voxel count as the regions stage records it (`channel_voxels`, counted
+    as it assembled the array); used when it covers every channel measured here, else they are counted.
     """
     spacing_zyx = np.asarray(spacing_xyz, dtype=float)[::-1]
     voxel_mm3 = float(np.prod(spacing_zyx))
     have = set(CHANNELS if available is None else available)
     wanted = (*ATTRIBUTE_STRUCTURES, *LESIONS)
-    counts = channel_counts(labels, wanted) if boxes is None else boxed_counts(labels, wanted, boxes)
+    if isinstance(voxels, dict) and all(isinstance(voxels.get(n), int) for n in wanted):
+        counts = {n: int(voxels[n]) for n in wanted}
+    else:
+        counts = channel_counts(labels, wanted) if boxes is None else boxed_counts(labels, wanted, boxes)
     attrs: dict[str, object] = {}
     for name in ATTRIBUTE_STRUCTURES:
         attrs[f"{name}_ml"] = round(counts[name] * voxel_mm3 / 1000.0, 1) if name in have else math.nan
@@ -171,38 +178,77 @@ def _padded(box: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
 
 def measure_lesions(labels: np.ndarray, lesion: str, spacing_zyx: np.ndarray, min_voxels: int,
                     box: tuple[slice, ...] | None = None) -> list[tuple[float, str]]:
-    """(diameter mm, location) per connected component (26-connectivity) of at least `min_voxels`."""
+    """(diameter mm, location) per connected component (26-connectivity) of at least `min_voxels`,
+    in the order `ndimage.label` numbers the components of the whole box (first voxel, raster order).
+
+    The box is cut at planes the lesion does not touch (no 26-connected component crosses an empty
+    plane), and each part is labelled on its own: e.g. a left and a right effusion are labelled in two
+    small boxes instead of one that spans the chest.
+    """
     if box is None:
         box = _channel_box(labels, lesion, LOCATION_PAD)
     if box is None:
         return []
     sub = labels[box]
-    mask = unpack_channel(sub, lesion)
-    components, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        return []
-    sizes = np.bincount(components.ravel(), minlength=n + 1)
-    out = []
-    for idx, sl in enumerate(ndimage.find_objects(components), 1):
-        if sl is None or sizes[idx] < min_voxels:
+    bits = np.uint32(1 << CHANNELS.index(lesion))
+    mask = np.bitwise_and(sub, bits) != 0
+    found: list[tuple[int, float, str]] = []  # (first voxel's raster index in `sub`, diameter, location)
+    for part in _independent_parts(mask):
+        if not mask[part].any():  # a product of runs along the three axes can hold nothing
             continue
-        extent = np.array([s.stop - s.start for s in sl]) * spacing_zyx
-        out.append((round(float(extent.max()), 1), _locate(lesion, components, idx, sl, sub)))
-    return out
+        components, n = ndimage.label(mask[part], structure=np.ones((3, 3, 3), bool))
+        if n == 0:
+            continue
+        sizes = np.bincount(components.ravel(), minlength=n + 1)
+        for idx, sl in enumerate(ndimage.find_objects(components), 1):
+            if sl is None or sizes[idx] < min_voxels:
+                continue
+            extent = np.array([s.stop - s.start for s in sl]) * spacing_zyx
+            where = tuple(slice(s.start + p.start, s.stop + p.start) for s, p in zip(sl, part))  # in `sub`
+            own = components[sl] == idx
+            yy, xx = np.unravel_index(int(np.argmax(own[0])), own.shape[1:])  # first voxel: lowest z, then y, x
+            first = ((where[0].start * sub.shape[1]) + where[1].start + int(yy)) * sub.shape[2] + where[2].start + int(xx)
+            found.append((first, round(float(extent.max()), 1), _locate(lesion, own, where, sub)))
+    found.sort(key=lambda f: f[0])
+    return [(d, loc) for _, d, loc in found]
 
 
-def _locate(lesion: str, components: np.ndarray, idx: int, sl: tuple[slice, ...], sub: np.ndarray) -> str:
+def _runs(flags: np.ndarray) -> list[slice]:
+    """Slices of the runs of True in a 1-D boolean array."""
+    idx = np.flatnonzero(flags)
+    if not idx.size:
+        return []
+    cut = np.flatnonzero(np.diff(idx) > 1)
+    starts = [int(idx[0]), *(int(i) for i in idx[cut + 1])]
+    stops = [*(int(i) + 1 for i in idx[cut]), int(idx[-1]) + 1]
+    return [slice(a, b) for a, b in zip(starts, stops)]
+
+
+def _independent_parts(mask: np.ndarray) -> list[tuple[slice, ...]]:
+    """Boxes that together hold every True voxel, separated by all-False planes along some axis."""
+    runs = [_runs(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    return [(z, y, x) for z in runs[0] for y in runs[1] for x in runs[2]]
+
+
+def _locate(lesion: str, own: np.ndarray, where: tuple[slice, ...], sub: np.ndarray) -> str:
+    """Where one component (`own`: its voxels in its bounding box `where` of `sub`) lies: the candidate
+    channel (or side) with the most voxels in the component grown by LOCATION_PAD voxels."""
     pad = LOCATION_PAD
-    big = tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(sl, components.shape))
+    big = tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(where, sub.shape))
+    comp = np.zeros(tuple(b.stop - b.start for b in big), np.uint8)
+    comp[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(where, big))] = own
     # LOCATION_PAD dilations with the 26-neighbourhood = one maximum filter of width 2 * pad + 1
-    grown = ndimage.maximum_filter((components[big] == idx).view(np.uint8), size=2 * pad + 1).view(bool)
-    local = sub[big]
+    grown = ndimage.maximum_filter(comp, size=2 * pad + 1).view(bool)
+    hit = sub[big][grown]  # the channel words under the grown component
+
+    def count(channel: str) -> int:
+        return int(np.count_nonzero(np.bitwise_and(hit, np.uint32(1 << CHANNELS.index(channel)))))
+
     if lesion == "effusion":
-        scores = {side: sum(int((unpack_channel(local, c) & grown).sum()) for c in chans)
-                  for side, chans in _SIDES.items()}
+        scores = {side: sum(count(c) for c in chans) for side, chans in _SIDES.items()}
         names = {"right": "right", "left": "left"}
     else:
-        scores = {c: int((unpack_channel(local, c) & grown).sum()) for c in LOCATION_CANDIDATES[lesion]}
+        scores = {c: count(c) for c in LOCATION_CANDIDATES[lesion]}
         names = LOCATION_CANDIDATES[lesion]
     best = max(scores, key=lambda k: scores[k])
     return names[best] if scores[best] > 0 else "undetermined"
@@ -254,18 +300,23 @@ def attributes_table(rows: list[dict[str, object]], min_lesion_mm3: float, table
 def run_shard(masks_zarr: Path, out: Path, min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3,
               qc_out: Path | None = None, on_error: str = "fail") -> pd.DataFrame:
     log = setup_logging()
-    group = zarr.open_group(str(masks_zarr), mode="r")
+    group = open_masks(masks_zarr)
     rows: list[dict[str, object]] = []
     qc: list[dict[str, object]] = []
     ids = list(group.attrs["volume_ids"])
+    local = Path(masks_zarr).is_dir()
+    buffer = _SPARE.pop() if _SPARE else None  # one array reused for every volume (and the next shard)
     for i, vid in enumerate(ids, 1):
         try:
             arr = group[vid]
             spacing = arr.attrs.get("spacing")
             if spacing is None or len(spacing) != 3 or arr.ndim != 3:
                 raise InputError(f"volume {vid}: {masks_zarr}/{vid} is not a 3D mask array with a spacing")
-            attrs = volume_attributes(np.asarray(arr[...]), spacing, min_lesion_mm3,
-                                      arr.attrs.get("channels_available"), arr.attrs.get("channel_boxes"))
+            labels = read_labels(arr, Path(masks_zarr) / vid if local else None, buffer)
+            if labels.dtype == np.uint32 and labels.flags.c_contiguous:
+                buffer = labels
+            attrs = volume_attributes(labels, spacing, min_lesion_mm3, arr.attrs.get("channels_available"),
+                                      arr.attrs.get("channel_boxes"), arr.attrs.get("channel_voxels"))
         except InputError as exc:
             if on_error != "skip":
                 raise
@@ -277,6 +328,8 @@ def run_shard(masks_zarr: Path, out: Path, min_lesion_mm3: float = DEFAULT_MIN_L
         qc.append({"volume_id": vid, "stage": "attributes", "status": "ok", "error": ""})
         log.info("[%d/%d] %s: nodules %d, cysts %d, effusions %d", i, len(ids), vid,
                  attrs["nodule_count"], attrs["cyst_count"], attrs["effusion_count"])
+    if buffer is not None:
+        _SPARE[:] = [buffer]
     table = attributes_table(rows, min_lesion_mm3, group.attrs.get("table_version"))
     with atomic_output(out) as tmp:
         pq.write_table(table, tmp)

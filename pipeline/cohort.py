@@ -71,7 +71,7 @@ def read_ctrate_reports(paths: Sequence[Path]) -> pd.DataFrame:
     for path in paths:
         try:
             df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-        except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+        except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
             raise InputError(f"{path}: cannot parse report CSV: {exc}") from None
         missing = {"VolumeName", "Findings_EN"} - set(df.columns)
         if missing:
@@ -107,9 +107,15 @@ def build_radgenome_manifest(
     reports["patient_id"] = reports["volume_id"].map(patient_of)
 
     if splits_csv is not None:
-        splits = pd.read_csv(splits_csv, dtype=str, keep_default_na=False)
+        try:
+            splits = pd.read_csv(splits_csv, dtype=str, keep_default_na=False, encoding="utf-8")
+        except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise InputError(f"{splits_csv}: cannot parse split CSV: {exc}") from None
         if not {"VolumeName", "split"} <= set(splits.columns):
             raise InputError(f"{splits_csv}: split CSV needs columns VolumeName, split")
+        dup = splits["VolumeName"][splits["VolumeName"].duplicated()]
+        if len(dup):
+            raise InputError(f"{splits_csv}: volumes listed more than once, e.g. {sorted(set(dup))[:5]}")
         split_of = dict(zip(splits["VolumeName"], splits["split"], strict=True))
         unknown = sorted(set(split_of.values()) - set(SPLITS))
         if unknown:

@@ -296,6 +296,13 @@ class _Shard:
         self.packed = "layout" in attrs
         self._ready = False
 
+    def check_features(self) -> None:
+        """A feature shard: the packed layout or the first layout's six arrays (not a masks store, say)."""
+        fmt = self.attrs.get("store_format")
+        ok = fmt != RAW_FORMAT and (self.packed or (self.path / FEATURE_ARRAYS[0] / "zarr.json").is_file())
+        if not ok:
+            raise FeatureStoreError(f"{self.path}: not a feature shard (store_format {fmt!r}, expected {STORE_FORMAT!r})")
+
     def _prepare(self) -> None:
         self.specs: list[tuple[str, np.dtype, tuple[int, ...], int, int]] = []
         self._fast = None
@@ -368,6 +375,7 @@ class FeatureStore:
         self.attrs: dict[str, Any] = {}
         for path in sorted(Path(p) for p in shard_paths):
             shard = _Shard(path)
+            shard.check_features()
             gi = len(self._shards)
             self._shards.append(shard)
             for row, vid in enumerate(shard.volume_ids):

@@ -6,7 +6,9 @@ import contextlib
 import gzip
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -29,15 +31,53 @@ def atomic_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # another user's process
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove `.<name>.tmp-<pid>*` siblings of `path` left by writers that no longer run (killed jobs).
+
+    A job killed with SIGKILL cannot clean up after itself; its rerun (another pid) removes what it
+    left. A sibling whose process still runs on this machine is left alone.
+    """
+    prefix = f".{path.name}.tmp-"
+    removed = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        if not p.name.startswith(prefix):
+            continue
+        digits = p.name[len(prefix):].split(".", 1)[0]
+        if digits.isdigit() and int(digits) != os.getpid() and not _pid_alive(int(digits)):
+            try:
+                _remove(p)
+                removed.append(p)
+            except OSError:
+                pass  # removed by another rerun at the same moment
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path; on success rename it to `path`, on failure remove it.
 
     Works for files and directories (e.g. a Zarr store), so an interrupted job never leaves an
-    output that looks complete.
+    output that looks complete; what a killed earlier attempt left is removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = atomic_path(path)
     _remove(tmp)
     try:
@@ -67,13 +107,20 @@ def write_json(obj: Any, path: Path | str) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _float_offset(value: float) -> int | None:
+    """NIfTI-1 stores vox_offset as a float: its integer value, None when NaN or infinite."""
+    return int(value) if math.isfinite(value) else None
+
+
 def _nifti_expected_size(head: bytes) -> int | None:
     """Bytes a single-file NIfTI-1/2 occupies uncompressed (header + extensions + voxels), if known."""
     for endian in ("<", ">"):
         if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
             dim = struct.unpack(endian + "8h", head[40:56])
             bitpix = struct.unpack(endian + "h", head[72:74])[0]
-            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            offset = _float_offset(struct.unpack(endian + "f", head[108:112])[0])
+            if offset is None:
+                return None
         elif len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
             bitpix = struct.unpack(endian + "h", head[14:16])[0]
             dim = struct.unpack(endian + "8q", head[16:80])
@@ -106,6 +153,11 @@ def check_gzip_complete(path: Path, volume_id: str) -> None:
     expected = _nifti_expected_size(head)
     if expected is None or expected % 2**32 == trailer:
         return
+    verify_gzip_stream(path, volume_id)
+
+
+def verify_gzip_stream(path: Path, volume_id: str) -> None:
+    """Inflate the whole stream (CRC and length checked); a broken one is an InputError naming the file."""
     try:
         with gzip.open(path, "rb") as fh:
             while fh.read(1 << 24):
@@ -114,15 +166,69 @@ def check_gzip_complete(path: Path, volume_id: str) -> None:
         raise InputError(f"volume {volume_id}: {path} is truncated or corrupt ({exc})") from None
 
 
-def read_image(path: Path | str, volume_id: str) -> sitk.Image:
-    """Read a NIfTI/NRRD/MHA image, turning any reader failure into an InputError naming both."""
+def check_complete(path: Path, volume_id: str) -> None:
+    """Reject a truncated NIfTI (.nii.gz: see check_gzip_complete; .nii: shorter than its header says).
+
+    ITK's NIfTI reader zero-fills the missing voxels of either without an error.
+    """
+    if path.name.endswith(".nii.gz"):
+        check_gzip_complete(path, volume_id)
+    elif path.name.endswith(".nii"):
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(544)
+            size = path.stat().st_size
+        except OSError as exc:
+            raise InputError(f"volume {volume_id}: cannot read {path} ({exc})") from None
+        expected = _nifti_expected_size(head)
+        if expected is not None and size < expected:
+            raise InputError(f"volume {volume_id}: {path} is truncated ({size} of the {expected} bytes "
+                             "its NIfTI header implies)")
+
+
+DEFAULT_MAX_IMAGE_GB = 8.0
+
+
+def max_image_bytes() -> int:
+    """The default cap on one image's voxel bytes: env MEDREGION_MAX_IMAGE_GB (GiB), else 8 GiB."""
+    raw = os.environ.get("MEDREGION_MAX_IMAGE_GB", "")
+    try:
+        gb = float(raw) if raw.strip() else DEFAULT_MAX_IMAGE_GB
+    except ValueError:
+        gb = DEFAULT_MAX_IMAGE_GB
+    return int(gb * 2**30) if math.isfinite(gb) and gb > 0 else int(DEFAULT_MAX_IMAGE_GB * 2**30)
+
+
+def image_nbytes(reader: sitk.ImageFileReader) -> int:
+    """Bytes of the voxel buffer SimpleITK allocates for an image, from its header alone."""
+    n = 1
+    for d in reader.GetSize():
+        n *= int(d)
+    name = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    bits = [int(b) for b in re.findall(r"(\d+)-bit", name)] or [64]
+    per_component = bits[0] // 8 * (2 if "complex" in name else 1)
+    return n * max(1, int(reader.GetNumberOfComponents())) * per_component
+
+
+def read_image(path: Path | str, volume_id: str, max_bytes: int | None = None) -> sitk.Image:
+    """Read a NIfTI/NRRD/MHA image, turning any reader failure into an InputError naming both.
+
+    The header is read first: an image whose voxels would take more than `max_bytes` (default
+    `max_image_bytes()`) is refused before SimpleITK allocates anything.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"volume {volume_id}: file not found: {path}")
-    if path.name.endswith(".nii.gz"):
-        check_gzip_complete(path, volume_id)
+    cap = max_image_bytes() if max_bytes is None else max_bytes
+    reader = read_header_info(path, volume_id)
+    need = image_nbytes(reader)
+    if cap and need > cap:
+        raise InputError(f"volume {volume_id}: {path} declares {'x'.join(map(str, reader.GetSize()))} voxels "
+                         f"({need / 2**20:.1f} MiB), over the cap of {cap / 2**20:.1f} MiB per image "
+                         "(MEDREGION_MAX_IMAGE_GB); refused before reading")
+    check_complete(path, volume_id)
     try:
-        return sitk.ReadImage(str(path))
+        return reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
         raise InputError(f"volume {volume_id}: cannot read {path}: {first}") from None
@@ -132,6 +238,9 @@ def image_array(image: sitk.Image, path: Path | str, volume_id: str, dtype: Any 
     """The (z, y, x) voxel array, checked to be 3D and finite."""
     if image.GetDimension() != 3:
         raise InputError(f"volume {volume_id}: {path} is {image.GetDimension()}D, expected 3D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"volume {volume_id}: {path} has {image.GetNumberOfComponentsPerPixel()} components per "
+                         "voxel, expected a scalar image")
     try:
         array = sitk.GetArrayFromImage(image)
     except RuntimeError as exc:
@@ -222,9 +331,11 @@ def parse_nifti_header(head: bytes) -> NiftiHeader | None:
     dims = tuple(max(int(d), 1) for d in dim[1 : 1 + ndim])
     code = struct.unpack(endian + "h", head[70:72])[0]
     dtype = np.dtype(endian + _NIFTI_DTYPES[code]) if code in _NIFTI_DTYPES else None
-    vox_offset = int(struct.unpack(endian + "f", head[108:112])[0])
+    vox_offset = _float_offset(struct.unpack(endian + "f", head[108:112])[0])
+    if vox_offset is None:
+        return None  # not a header the fast path can use: SimpleITK decides
     slope, inter = struct.unpack(endian + "2f", head[112:120])
-    scaled = not (slope in (0.0, 1.0) and inter == 0.0) or not np.isfinite([slope, inter]).all()
+    scaled = not (slope in (0.0, 1.0) and inter == 0.0) or not (math.isfinite(slope) and math.isfinite(inter))
     # every field ITK derives size, spacing, origin and direction from (dim, pixdim incl. qfac, units,
     # qform / sform codes and parameters), plus the byte order they are written in
     key = head[:4] + head[40:56] + head[76:108] + head[123:124] + head[252:328]
@@ -273,6 +384,9 @@ def gzip_decoder_name() -> str:
     return "libdeflate" if _LIBDEFLATE is not None else "zlib"
 
 
+MAX_DEFLATE_RATIO = 1032  # the most a deflate stream can expand
+
+
 class Inflater:
     """A libdeflate decompressor and a growing output buffer, reused from file to file.
 
@@ -295,8 +409,13 @@ class Inflater:
         """Inflate a whole .gz file's bytes -> uint8 view of exactly `size` bytes.
 
         The stream must inflate to exactly `size` bytes (what its NIfTI header implies): a truncated,
-        corrupt (CRC) or over-long file is an InputError naming volume and file.
+        corrupt (CRC) or over-long file is an InputError naming volume and file. A header that
+        implies more bytes than `data` can inflate to (deflate's ratio is at most 1032:1) is refused
+        before the buffer is grown.
         """
+        if size > MAX_DEFLATE_RATIO * len(data) + 4096:
+            raise InputError(f"volume {volume_id}: {path} is truncated or its header is corrupt (its NIfTI header "
+                             f"implies {size} bytes, more than its {len(data)} gzip bytes can hold)")
         if self.buf.size < size:
             self.buf = np.empty(max(size, 1 << 20), np.uint8)
         if self._dec is None:
@@ -311,7 +430,8 @@ class Inflater:
             ret = _LIBDEFLATE.libdeflate_gzip_decompress_ex(self._dec, chunk, len(chunk), base + done, size - done,
                                                             ctypes.byref(in_used), ctypes.byref(out_used))
             if ret != 0:
-                what = {1: "truncated or corrupt", 2: "truncated", 3: "longer than its header says"}.get(ret, "unreadable")
+                what = {1: "truncated or corrupt", 2: "truncated",
+                        3: "corrupt or longer than its header says"}.get(ret, "unreadable")
                 raise InputError(f"volume {volume_id}: {path} is {what} (its gzip stream does not inflate to "
                                  f"the {size} bytes its NIfTI header implies)")
             pos += in_used.value
@@ -359,16 +479,70 @@ def _inflate_zlib(data: bytes, size: int, buf: np.ndarray, path: Path, volume_id
     return buf[:size]
 
 
+_PLAUSIBLE = 1e9  # no voxel size, direction entry or offset (mm) of a real image comes near this
+
+
+def nifti_geometry_problem(head: bytes) -> str | None:
+    """What makes a NIfTI-1/2 header's geometry unusable (non-finite or absurd pixdim, quaternion,
+    offsets or sform rows in use), or None.
+
+    SimpleITK must not see such a header: its NIfTI reader can loop forever on them (the polar
+    decomposition of an sform with an infinite entry never converges).
+    """
+    for endian in ("<", ">"):
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            ndim = struct.unpack(endian + "h", head[40:42])[0]
+            pixdim = struct.unpack(endian + "8f", head[76:108])
+            qcode, scode = struct.unpack(endian + "2h", head[252:256])
+            quat = struct.unpack(endian + "6f", head[256:280])
+            srow = struct.unpack(endian + "12f", head[280:328])
+        elif len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            ndim = struct.unpack(endian + "q", head[16:24])[0]
+            pixdim = struct.unpack(endian + "8d", head[104:168])
+            qcode, scode = struct.unpack(endian + "2i", head[344:352])
+            quat = struct.unpack(endian + "6d", head[352:400])
+            srow = struct.unpack(endian + "12d", head[400:496])
+        else:
+            continue
+        used = {"pixdim": pixdim[: 1 + max(0, min(int(ndim), 7))]}
+        if qcode > 0:
+            used["quaternion / qoffset"] = quat
+        if scode > 0:
+            used["sform"] = srow
+        for name, values in used.items():
+            if not all(math.isfinite(v) and abs(v) < _PLAUSIBLE for v in values):
+                return f"its NIfTI header has a non-finite or absurd {name} ({', '.join(f'{v:g}' for v in values)})"
+        return None
+    return None
+
+
+def _nifti_head(path: Path) -> bytes:
+    """The first 544 bytes of a .nii / .nii.gz (b'' when unreadable: the reader then says why)."""
+    try:
+        with open(path, "rb") as fh:
+            if path.name.endswith(".gz"):
+                return zlib.decompressobj(31).decompress(fh.read(8192), 544)
+            return fh.read(544)
+    except (OSError, zlib.error):
+        return b""
+
+
 def read_header_info(path: Path | str, volume_id: str) -> sitk.ImageFileReader:
     """SimpleITK's header of any image file (no voxels read): size, spacing, origin, direction, type."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"volume {volume_id}: file not found: {path}")
+    if path.name.endswith((".nii", ".nii.gz")):
+        problem = nifti_geometry_problem(_nifti_head(path))
+        if problem:
+            raise InputError(f"volume {volume_id}: {path}: {problem}")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
+        if path.name.endswith(".gz"):  # ITK says only "Unable to determine ImageIO reader" for a broken stream
+            verify_gzip_stream(path, volume_id)
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
         raise InputError(f"volume {volume_id}: cannot read the header of {path}: {first}") from None
     return reader
@@ -402,6 +576,11 @@ def nifti_voxels(path: Path | str, volume_id: str) -> np.ndarray | None:
     hdr = read_nifti_header(path, volume_id)
     if hdr is None or hdr.dtype is None:
         return None
+    cap = max_image_bytes()
+    if hdr.nbytes > cap:
+        raise InputError(f"volume {volume_id}: {path} declares {'x'.join(map(str, hdr.dims))} voxels "
+                         f"({hdr.nbytes / 2**20:.1f} MiB), over the cap of {cap / 2**20:.1f} MiB per image "
+                         "(MEDREGION_MAX_IMAGE_GB); refused before reading")
     data = path.read_bytes()
     if path.name.endswith(".gz"):
         raw = Inflater().inflate(data, hdr.nbytes, path, volume_id)
@@ -412,10 +591,15 @@ def nifti_voxels(path: Path | str, volume_id: str) -> np.ndarray | None:
     return raw[hdr.vox_offset : hdr.nbytes].view(hdr.dtype)
 
 
-def check_finite(path: Path | str, volume_id: str) -> None:
-    """Refuse a float NIfTI holding NaN or inf voxels (checked on the stored values, see nifti_voxels)."""
+def check_finite(path: Path | str, volume_id: str) -> bool:
+    """Refuse a float NIfTI holding NaN or inf voxels (checked on the stored values, see nifti_voxels).
+
+    The whole file is decoded (a .nii.gz by libdeflate, CRC and length checked), so a corrupt stream
+    is refused too. Returns whether the stored values could be read (a NIfTI-1 of a known data type).
+    """
     voxels = nifti_voxels(path, volume_id)
     if voxels is not None and voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
         n = int((~np.isfinite(voxels)).sum())
         raise InputError(f"volume {volume_id}: {path} contains {n} NaN or inf voxels "
                          "(SimpleITK would silently read them as 0)")
+    return voxels is not None

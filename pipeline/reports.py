@@ -73,10 +73,18 @@ def region_texts_from_keywords(findings: str) -> dict[str, str]:
     return split_report(findings)
 
 
+def _read_csv(path: Path, what: str, **kw: object) -> pd.DataFrame:
+    """A CSV read as UTF-8; an undecodable or malformed file is an InputError naming it."""
+    try:
+        return pd.read_csv(path, encoding="utf-8", **kw)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise InputError(f"{path}: cannot parse {what} CSV: {exc}") from None
+
+
 def read_labels(paths: Sequence[Path]) -> pd.DataFrame:
     frames = []
     for path in paths:
-        df = pd.read_csv(path)
+        df = _read_csv(path, "label")
         missing = [c for c in ("VolumeName", *CTRATE_CLASSES) if c not in df.columns]
         if missing:
             raise InputError(f"{path}: label CSV lacks columns {missing}")
@@ -92,7 +100,7 @@ def build_reports(
     report_regions = load_report_regions(table)
     grounded: dict[str, dict[str, str]] = {}
     for path in region_csvs:
-        rows = pd.read_csv(path, dtype=str, keep_default_na=False)
+        rows = _read_csv(path, "region report", dtype=str, keep_default_na=False)
         if not {"Volumename", "Anatomy", "Sentence"} <= set(rows.columns):
             raise InputError(f"{path}: region report CSV needs columns Volumename, Anatomy, Sentence")
         grounded.update(region_texts_from_grounded(rows, report_regions, str(path)))

@@ -30,13 +30,14 @@ import SimpleITK as sitk
 from pipeline.cohort import validate_volume_id
 from pipeline.io import (
     InputError,
+    check_complete,
     check_finite,
-    check_gzip_complete,
     check_memory,
     image_array,
     read_header_info,
     read_image,
     setup_logging,
+    verify_gzip_stream,
     write_parquet,
 )
 from pipeline.regions import (
@@ -64,12 +65,15 @@ def check_ct(volume_id: str, ct_path: Path, memory_cap_bytes: int | None) -> Non
     if reader.GetNumberOfComponents() != 1:
         raise InputError(f"volume {volume_id}: {ct_path} has {reader.GetNumberOfComponents()} components per voxel")
     check_memory(reader, ct_path, volume_id, memory_cap_bytes, bytes_per_voxel(2))
-    if ct_path.name.endswith(".nii.gz"):
-        check_gzip_complete(ct_path, volume_id)
-    # integer CTs cannot hold NaN: only float ones are decoded here, from the stored values
-    # (ITK's NIfTI reader silently turns NaN into 0)
+    check_complete(ct_path, volume_id)  # .nii.gz stream / .nii length (ITK zero-fills either)
+    # The stored values are decoded once: the whole gzip stream, CRC and length checked (ITK decodes
+    # bytes corrupted inside a .nii.gz without a word), and float voxels checked for NaN / inf (ITK's
+    # NIfTI reader silently turns NaN into 0).
+    if check_finite(ct_path, volume_id):
+        return
+    if ct_path.name.endswith(".gz"):
+        verify_gzip_stream(ct_path, volume_id)
     if reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        check_finite(ct_path, volume_id)
         image_array(read_image(ct_path, volume_id), ct_path, volume_id)  # other formats
 
 

@@ -162,8 +162,6 @@ def run_shard(
     allow_download: bool = False,
 ) -> list[str]:
     """Encode the shard's volumes; write the pooled shard (`out`) and / or the raw-token cache."""
-    import zarr
-
     if out is None and raw_out is None:
         raise ValueError("nothing to write: give out and / or raw_out")
     log = setup_logging()
@@ -174,7 +172,9 @@ def run_shard(
     patch = int(arch["patch_size"])
     gh, gw = cfg.patch_grid(patch)
     grid = cfg.pooled_grid(patch)  # validates s * h * w = T before any work
-    masks = zarr.open_group(str(masks_zarr), mode="r")
+    from pipeline.regions import open_masks
+
+    masks = open_masks(masks_zarr)
     if list(masks.attrs.get("channels", CHANNELS)) != list(CHANNELS):
         raise InputError(f"{masks_zarr}: its channel table differs from this code's "
                          f"(pipeline.constants.CHANNELS): rerun the regions stage")

@@ -35,6 +35,8 @@ rule train_stage1:
         **TRAIN_INPUTS,
     output:
         f"{RES}/experiments/{{exp}}/stage1/medregion_config.json",
+        loss=report(f"{RES}/experiments/{{exp}}/stage1/loss.png", caption="../report/loss.rst",
+                    category="Training", subcategory="Loss curves", labels={"experiment": "{exp}", "stage": "1"}),
     params:
         cfg=train_params(1),
         launch=launch_flags(),
@@ -59,6 +61,8 @@ rule train_stage2:
         stage1=f"{RES}/experiments/{{exp}}/stage1/medregion_config.json",
     output:
         f"{RES}/experiments/{{exp}}/stage2/medregion_config.json",
+        loss=report(f"{RES}/experiments/{{exp}}/stage2/loss.png", caption="../report/loss.rst",
+                    category="Training", subcategory="Loss curves", labels={"experiment": "{exp}", "stage": "2"}),
     params:
         cfg=train_params(2),
         launch=launch_flags(),
