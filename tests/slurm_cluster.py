@@ -7,7 +7,8 @@ the submitting user) and `apt-get install slurm-wlm munge`. Works without system
 then polls with squeue, which needs MinJobAge >= 600 s to see finished jobs).
 
 One fake GPU is declared through `gres.conf` (`File=/dev/null`), so GPU resources are scheduled as
-on a real GPU node.
+on a real GPU node. The node's memory is the declared `mem_mb` (`SlurmdParameters=config_overrides`:
+slurmd does not drain a node whose RAM is below it; memory is scheduled, not enforced, under task/none).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _remove_stale_link() -> None:
         return
     pid_file = target.parent / "run" / "slurmctld.pid"
     try:
-        os.kill(int(pid_file.read_text().strip()), 0)
+        os.kill(int(pid_file.read_text(encoding="utf-8").strip()), 0)
     except (OSError, ValueError):
         ETC_CONF.unlink()
 
@@ -64,7 +65,7 @@ def _exe(name: str) -> str:
 class LocalSlurm:
     root: Path
     cpus: int = 2
-    mem_mb: int = 8000
+    mem_mb: int = 16000
     gpus: int = 1
     partition: str = "debug"
     pids: dict[str, Path] = field(default_factory=dict)
@@ -79,7 +80,8 @@ class LocalSlurm:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         gres_node = f"Gres=gpu:fake:{self.gpus}" if self.gpus else ""
         (self.root / "gres.conf").write_text(
-            "AutoDetect=off\n" + "".join(f"NodeName={host} Name=gpu Type=fake File=/dev/null\n" for _ in range(self.gpus))
+            "AutoDetect=off\n" + "".join(f"NodeName={host} Name=gpu Type=fake File=/dev/null\n" for _ in range(self.gpus)),
+            encoding="utf-8",
         )
         run, log = self.root / "run", self.root / "log"
         (self.root / "slurm.conf").write_text(f"""\
@@ -109,10 +111,11 @@ JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 MinJobAge=600
+SlurmdParameters=config_overrides
 GresTypes=gpu
 NodeName={host} CPUs={self.cpus} RealMemory={self.mem_mb} {gres_node} State=UNKNOWN
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
+""", encoding="utf-8")
 
     def start(self) -> None:
         self.write_config()
@@ -148,7 +151,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if ok():
                 return
             time.sleep(0.3)
-        logs = "\n".join(p.read_text()[-1500:] for p in (self.root / "log").glob("*.log"))
+        logs = "\n".join(p.read_text(encoding="utf-8", errors="replace")[-1500:] for p in (self.root / "log").glob("*.log"))
         raise RuntimeError(f"{what} did not come up:\n{logs}")
 
     def stop(self) -> None:
@@ -160,7 +163,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             pid_file = self.pids.pop(name, None)
             if pid_file is None or not pid_file.exists():
                 continue
-            pid = int(pid_file.read_text().strip() or 0)
+            pid = int(pid_file.read_text(encoding="utf-8").strip() or 0)
             if pid <= 0:
                 continue
             try:
@@ -179,7 +182,18 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def jobs(self) -> list[dict[str, str]]:
         """Every job the cluster knows (finished ones stay visible for MinJobAge)."""
         out = self._out(["squeue", "--states=all", "-h", "-o", "%i|%j|%T|%k"])
-        return [dict(zip(("id", "name", "state", "comment"), line.split("|"))) for line in out.splitlines() if line]
+        jobs = [dict(zip(("id", "name", "state", "comment"), line.split("|"))) for line in out.splitlines() if line]
+        return sorted(jobs, key=lambda j: int(j["id"]) if j["id"].isdigit() else 0)
+
+    def job_info(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (finished jobs too, for MinJobAge): TresPerJob, NumCPUs, ..."""
+        out = self._out(["scontrol", "show", "job", "-o", job_id])
+        return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+    def cancel(self, job_id: str) -> None:
+        """`scancel` one job, as a user (or a node failure) would kill it."""
+        subprocess.run(["scancel", job_id], check=True, capture_output=True, encoding="utf-8", errors="replace",
+                       env=self.env)
 
 
 def _uid(user: str) -> int:
