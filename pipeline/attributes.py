@@ -84,7 +84,6 @@ SCHEMA = pa.schema(
     + [pa.field("prompt", pa.string())]
 )
 QC_COLUMNS = ("volume_id", "stage", "status", "error")
-_SPARE: list[np.ndarray] = []  # run_shard's read buffer, kept for the next shard in this process
 
 
 def channel_counts(labels: np.ndarray, channels: Sequence[str]) -> dict[str, int]:
@@ -305,7 +304,7 @@ def run_shard(masks_zarr: Path, out: Path, min_lesion_mm3: float = DEFAULT_MIN_L
     qc: list[dict[str, object]] = []
     ids = list(group.attrs["volume_ids"])
     local = Path(masks_zarr).is_dir()
-    buffer = _SPARE.pop() if _SPARE else None  # one array reused for every volume (and the next shard)
+    buffer: np.ndarray | None = None  # one array reused for every volume of this shard
     for i, vid in enumerate(ids, 1):
         try:
             arr = group[vid]
@@ -328,8 +327,6 @@ def run_shard(masks_zarr: Path, out: Path, min_lesion_mm3: float = DEFAULT_MIN_L
         qc.append({"volume_id": vid, "stage": "attributes", "status": "ok", "error": ""})
         log.info("[%d/%d] %s: nodules %d, cysts %d, effusions %d", i, len(ids), vid,
                  attrs["nodule_count"], attrs["cyst_count"], attrs["effusion_count"])
-    if buffer is not None:
-        _SPARE[:] = [buffer]
     table = attributes_table(rows, min_lesion_mm3, group.attrs.get("table_version"))
     with atomic_output(out) as tmp:
         pq.write_table(table, tmp)

@@ -286,7 +286,6 @@ def _grow(boxes: dict[int, list[int]], word: int, box: list[int]) -> None:
 
 _POOL: dict[tuple[int, int, int], list[_Workspace]] = {}
 _POOL_LOCK = threading.Lock()
-_SPARE_LABELS: list[np.ndarray] = []  # run_shard's output array, kept for the next shard in this process
 
 
 def _take_workspace(shape: tuple[int, int, int], planes: bool = False) -> _Workspace:
@@ -909,6 +908,11 @@ def run_shard(
     memory_cap_gb: float = DEFAULT_MEMORY_CAP_GB,
 ) -> pd.DataFrame:
     log = setup_logging()
+    # A shard starts with no buffers, as a workflow job (one process per shard) does: reuse from an
+    # earlier call in the same process would flatter in-process benchmarks, not help the workflow.
+    with _POOL_LOCK:
+        _POOL.clear()
+        _EDGE.clear()
     items = _segment_rows(manifest, segment, shard)
     cap = int(memory_cap_gb * 2**30) if memory_cap_gb else None
     qc: list[dict[str, object]] = []
@@ -916,8 +920,7 @@ def run_shard(
     with atomic_output(out_zarr) as tmp_zarr, _picture_dir(pictures) as tmp_pics:
         group = zarr.open_group(str(tmp_zarr), mode="w", zarr_format=3)
         done: list[str] = []
-        with _POOL_LOCK:  # the last shard's array: no fresh (page-faulted) 4 bytes per voxel
-            out_buffer: np.ndarray | None = _SPARE_LABELS.pop() if _SPARE_LABELS else None
+        out_buffer: np.ndarray | None = None  # the output array, reused from volume to volume of this shard
         for i, item in enumerate(items, 1):
             vid = str(item["volume_id"])
             if item["status"] == "invalid":
@@ -954,9 +957,6 @@ def run_shard(
                      vm.n_files, vm.n_used, time.perf_counter() - t0)
         group.update_attributes({"channels": list(CHANNELS), "table_version": table.version,  # one write
                                  "volume_ids": done, "complete": True})
-        if out_buffer is not None:
-            with _POOL_LOCK:
-                _SPARE_LABELS[:] = [out_buffer]
     qc_df = pd.DataFrame(qc, columns=list(QC_COLUMNS))
     write_parquet(qc_df, out_qc)
     return qc_df
