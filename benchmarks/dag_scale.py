@@ -30,7 +30,7 @@ def write_cohort(root: Path, n_volumes: int, shard_size: int) -> Path:
                   "Impressions_EN": ""}).to_csv(root / "reports.csv", index=False)
     for folder in ("encoder", "llm", "volumes", "masks"):
         (root / folder).mkdir(exist_ok=True)
-    config = yaml.safe_load((REPO / "config" / "radgenome.yaml").read_text())
+    config = yaml.safe_load((REPO / "config" / "radgenome.yaml").read_text(encoding="utf-8"))
     config["results"] = str(root / "results")
     config["shard_size"] = shard_size
     config["dataset"].update(volumes_dir=str(root / "volumes"), masks_dir=str(root / "masks"),
@@ -38,7 +38,7 @@ def write_cohort(root: Path, n_volumes: int, shard_size: int) -> Path:
     config["features"]["encoder"]["path"] = str(root / "encoder")
     config["llm"]["path"] = str(root / "llm")
     path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
 
 

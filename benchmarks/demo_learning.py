@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     )
     print("claim (>= 0.6, >= +0.3, >= 90 % differ):", "MET" if res["claim_met"] else "NOT MET")
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        args.json.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     return 0 if res["claim_met"] else 1
 
 

@@ -206,7 +206,7 @@ def main() -> None:
         else:
             result["skipped"].append("stage")
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
-    (args.out / "gpu_features.json").write_text(json.dumps(result, indent=2))
+    (args.out / "gpu_features.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(f"wrote {args.out / 'gpu_features.json'} ({result['wall_s']} s)")
 
 

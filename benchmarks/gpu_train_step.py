@@ -243,7 +243,7 @@ def main(argv=None) -> int:
 
         result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_train_step.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "gpu_train_step.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))
     mem = result.get("peak_memory_allocated_gib", result.get("peak_rss_gib"))
     print(f"{result['card']}: {tokens} tokens/step, {med:.3f} s/step (median of {args.steps}), "

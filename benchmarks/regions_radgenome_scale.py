@@ -118,7 +118,7 @@ def main() -> None:
     case = args.case or write_radgenome_scale_case(tmp / "case")
     ct = case / "volumes" / f"{VOLUME_ID}.nii.gz"
     files = regions.structure_files(case / "masks" / f"seg_{VOLUME_ID}", VOLUME_ID)
-    info = json.loads((case / "case.json").read_text())
+    info = json.loads((case / "case.json").read_text(encoding="utf-8"))
     n_used = sum(TABLE.classify(regions.structure_name(p)) == "used" for p in files)
     print(f"case: {info['size_xyz']} voxels at {info['spacing_xyz']} mm, {len(files)} structure files "
           f"({info['n_non_empty']} non-empty, {n_used} used by the table), "
@@ -174,7 +174,7 @@ def main() -> None:
               "plain_over_ours": med["plain"] / med["ours"], "same_channels": same, "threads": T,
               "cpus": os.cpu_count(), "decoder": io.gzip_decoder_name()}
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     if not same:
         sys.exit("ours and plain differ")
 

@@ -21,7 +21,7 @@ def demo_inputs(results: Path, experiment: str = "full") -> dict:
         raise SystemExit(f"{results}: no feature shards; run the demo first (snakemake --cores 2 all)")
     tag = next((t for t in tags if t.endswith("-r2")), tags[0])
     cfg = results / "experiments" / experiment / "stage1" / "medregion_config.json"
-    llm = json.loads(cfg.read_text())["llm_path"] if cfg.exists() else None
+    llm = json.loads(cfg.read_text(encoding="utf-8"))["llm_path"] if cfg.exists() else None
     if llm is not None and not Path(llm).is_absolute():
         llm = str((cfg.parent / llm).resolve())
     if llm is None or not Path(llm).exists():

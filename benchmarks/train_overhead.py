@@ -70,7 +70,7 @@ def trainer(results: Path, stage: int, params: dict) -> dict:
                               cwd=REPO, capture_output=True, encoding="utf-8", errors="replace")
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
-        recs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        recs = [json.loads(line) for line in (out / "train_log.jsonl").read_text(encoding="utf-8").splitlines()]
     done = recs[-1]
     return {"tokens": done["train_tokens"], "seconds": done["loop_s"], "tokens_per_s": done["tokens_per_s"],
             "steps": done["step"]}
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     print(f"trainer {med['trainer']:.0f} tokens/s, bare loop {med['bare']:.0f} tokens/s: "
           f"ratio {summary['ratio_of_medians']:.3f} (per round {', '.join(f'{x:.3f}' for x in ratios)}); goal >= 0.9")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

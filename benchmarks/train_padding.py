@@ -70,7 +70,7 @@ def main(argv=None) -> int:
               f"overall {o['grouped_overall_share']:.1%}), random batches mean {o['random_mean_share']:.1%}, "
               f"padding to {args.max_length}: {o['pad_to_max_length_share']:.1%}")
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

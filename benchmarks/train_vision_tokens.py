@@ -107,7 +107,7 @@ def main(argv=None) -> int:
           f"10,368 ({b['sequence_tokens']} in all): {b['step_s']:.3f} s/step, {b['peak_step_mb']:.0f} MB; "
           f"ratio {summary['step_time_ratio']:.1f}x time, {summary['step_memory_ratio']:.1f}x memory")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

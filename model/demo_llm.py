@@ -97,7 +97,7 @@ def build_demo_llm(
         "pretrain_loss_first": losses[0] if losses else None,
         "pretrain_loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
     }
-    (tmp / "demo_llm.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (tmp / "demo_llm.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         pretrain_steps=args.pretrain_steps,
     )
-    print(f"demo LLM written to {out}: {(out / 'demo_llm.json').read_text()}")
+    print(f"demo LLM written to {out}: {(out / 'demo_llm.json').read_text(encoding='utf-8')}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,21 @@ def is_cpu_config(cfg: dict[str, Any]) -> bool:
     return False
 
 
+def gpus_per_machine(accelerate_config: str | os.PathLike, processes: int | None = None,
+                     machines: int | None = None) -> int:
+    """GPUs one machine of the run needs: 0 for a CPU config (whatever its process count), else the
+    processes per machine (one process per GPU). The train rules request this as their `gpu` resource,
+    so a SLURM job is granted the GPUs its launcher will start processes on."""
+    cfg = read_accelerate_config(accelerate_config)
+    if cfg.get("use_cpu") or str(cfg.get("distributed_type", "NO")) == "MULTI_CPU":
+        return 0
+    nproc = int(processes if processes is not None else cfg.get("num_processes", 1) or 1)
+    nmach = int(machines if machines is not None else cfg.get("num_machines", 1) or 1)
+    if nproc < 1 or nmach < 1 or nproc % nmach:
+        raise ValueError(f"{accelerate_config}: {nproc} processes do not split evenly over {nmach} machines")
+    return nproc // nmach
+
+
 def build_launch(
     accelerate_config: str | os.PathLike,
     trainer_args: list[str],

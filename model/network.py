@@ -374,7 +374,7 @@ class MedRegionCT(nn.Module):
         cfg = self.config.to_dict()
         cfg["llm_path"] = _portable_path(self.config.llm_path, out)
         tmp = out / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, out / CONFIG_NAME)
 
     @classmethod
@@ -393,7 +393,7 @@ class MedRegionCT(nn.Module):
             raise FileNotFoundError(
                 f"{model_dir}: no {CONFIG_NAME} (not a MedRegion-CT folder, or incomplete)"
             )
-        d = json.loads(cfg_path.read_text())
+        d = json.loads(cfg_path.read_text(encoding="utf-8"))
         d["llm_path"] = resolve_llm_path(d["llm_path"], model_dir)
         config = MedRegionCTConfig.from_dict(d)
         llm, _ = load_llm(config.llm_path, dtype)

@@ -182,7 +182,7 @@ def check_init(init: Path, config) -> None:
     f = init / CONFIG_NAME
     if not f.exists():
         raise SystemExit(f"--init {init}: no {CONFIG_NAME} (not a finished stage-1 run)")
-    saved = json.loads(f.read_text())
+    saved = json.loads(f.read_text(encoding="utf-8"))
     diff = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in INIT_MUST_MATCH if saved.get(k) != getattr(config, k)]
     a, b = saved.get("extra", {}).get("features", {}), config.extra.get("features", {})
     diff += [f"features.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
         if is_main:
             state = {"step": step, "epoch": epoch, "batches_done": batches_done, "params": p,
                      "experiment": identity}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             done = sorted(
@@ -379,7 +379,7 @@ def main(argv=None) -> int:
     global_step, start_epoch, skip_batches, resumed_after_epoch_end = 0, 0, 0, False
     ckpt = latest_checkpoint(ckpt_dir) if args.resume else None
     if ckpt is not None:
-        saved = json.loads((ckpt / "trainer_state.json").read_text()).get("experiment")
+        saved = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("experiment")
         diff = ["no experiment record (written by an older trainer)"] if saved is None else identity_diff(saved, identity)
         if diff:
             msg = (
@@ -395,7 +395,7 @@ def main(argv=None) -> int:
             accelerator.wait_for_everyone()
             ckpt = None
     if ckpt is not None:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
         kw = {"load_module_strict": False} if is_deepspeed else {"strict": False}
         accelerator.load_state(str(ckpt), **kw)
         global_step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_done"]
@@ -403,7 +403,7 @@ def main(argv=None) -> int:
             start_epoch, skip_batches, resumed_after_epoch_end = start_epoch + 1, 0, True
         if is_main:  # drop log lines of work after the checkpoint: it is done again
             recs = [r for r in read_log(log_path) if r.get("step", 0) <= global_step]
-            log_path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     elif is_main and log_path.exists():
         log_path.unlink()
 

@@ -104,7 +104,7 @@ def write_parquet(df: pd.DataFrame, path: Path | str) -> None:
 
 def write_json(obj: Any, path: Path | str) -> None:
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def _float_offset(value: float) -> int | None:

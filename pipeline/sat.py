@@ -60,7 +60,7 @@ def write_jsonl(ct_paths: Sequence[Path | str], terms: Sequence[str], out: Path 
     lines = [json.dumps({"image": str(Path(p).resolve()), "label": list(terms), "modality": "ct",
                          "dataset": dataset}) for p in ct_paths]
     with atomic_output(Path(out)) as tmp:
-        tmp.write_text("\n".join(lines) + ("\n" if lines else ""))
+        tmp.write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
 
 
 def inference_command(checkout: Path | str, jsonl: Path | str, out_dir: Path | str, *, checkpoint: str,
@@ -81,7 +81,7 @@ def run_inference(cmd: Sequence[str], checkout: Path | str, log: Path | None = N
     proc = subprocess.run(list(cmd), cwd=str(checkout), capture_output=True, encoding="utf-8", errors="replace", env=env)
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(proc.stdout + "\n" + proc.stderr)
+        log.write_text(proc.stdout + "\n" + proc.stderr, encoding="utf-8")
     if proc.returncode != 0:
         raise RuntimeError(f"SAT failed ({proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-3000:]}")
 

@@ -67,6 +67,6 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     t0 = time.perf_counter()
     # offline by construction: the whole demo runs with no network at all (where unshare works)
     snakemake(workdir, "all", offline=True)
-    (workdir / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
-    (workdir / "network.txt").write_text("none\n" if no_network_prefix() else "host\n")
+    (workdir / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n", encoding="utf-8")
+    (workdir / "network.txt").write_text("none\n" if no_network_prefix() else "host\n", encoding="utf-8")
     return workdir

@@ -37,7 +37,7 @@ def cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def planted(cohort) -> dict:
-    return json.loads((cohort / "planted.json").read_text())
+    return json.loads((cohort / "planted.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_layout_follows_radgenome(cohort, reports, planted):
 
 def test_mask_names_are_radgenome_vocabulary(shared_data):
     vocab = {line.split("\t")[1].strip() for line in
-             (shared_data / "label-maps" / "radgenome_anatomy_names.txt").read_text().splitlines()
+             (shared_data / "label-maps" / "radgenome_anatomy_names.txt").read_text(encoding="utf-8").splitlines()
              if line and not line.startswith("#")}
     assert set(MASK_NAMES) <= vocab, sorted(set(MASK_NAMES) - vocab)
 
@@ -223,7 +223,7 @@ def test_region_report_rows(cohort, reports, planted, shared_data):
     rr = pd.read_csv(cohort / "region_report.csv", dtype=str, keep_default_na=False)
     assert list(rr.columns) == ["Volumename", "Anatomy", "Sentence"]
     observed = {ln.strip() for ln in (shared_data / "label-maps" / "radgenome_anatomy_paths_observed.txt")
-                .read_text().splitlines() if ln.strip() and not ln.startswith("#")}
+                .read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")}
     findings = dict(zip(reports["VolumeName"], reports["Findings_EN"]))
     for vid, rows in rr.groupby("Volumename", sort=False):
         assert rows["Anatomy"].iloc[0] == "" and rows["Sentence"].iloc[0] == findings[vid]
@@ -315,7 +315,7 @@ def test_atomic_output_when_generation_fails(tmp_path, monkeypatch):
 def test_existing_output_is_replaced(tmp_path):
     out = tmp_path / "cohort"
     (out / "volumes").mkdir(parents=True)
-    (out / "stale.txt").write_text("old")
+    (out / "stale.txt").write_text("old", encoding="utf-8")
     _gen(out, n_cases=3)
     assert not (out / "stale.txt").exists()
     assert len(pd.read_csv(out / "reports.csv")) == 3

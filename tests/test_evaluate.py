@@ -468,7 +468,7 @@ def test_table_cli(tmp_path):
     paths = []
     for name, vals in (("ours", (0.29, 0.37, 0.49, 0.45)), ("ablation-r2", (0.26, 0.34, 0.48, 0.40))):
         p = tmp_path / f"{name}.json"
-        p.write_text(json.dumps(_fake_metrics(name, *vals)))
+        p.write_text(json.dumps(_fake_metrics(name, *vals)), encoding="utf-8")
         paths.append(str(p))
     out = tmp_path / "tables"
     r = subprocess.run(

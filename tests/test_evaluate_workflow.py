@@ -70,8 +70,8 @@ def workdir(tmp_path: Path):
                       "retries": 0, "max_workers": 2},
         },
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    (tmp_path / "Snakefile").write_text(SNAKEFILE.format(rules=REPO / "workflow" / "rules" / "evaluate.smk"))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    (tmp_path / "Snakefile").write_text(SNAKEFILE.format(rules=REPO / "workflow" / "rules" / "evaluate.smk"), encoding="utf-8")
     yield tmp_path
     server.shutdown()
     server.server_close()
@@ -104,6 +104,6 @@ def test_evaluate_rules_config_judge_and_report(workdir: Path):
     assert (res / "tables" / "ca_per_class.md").is_file()
 
     _snakemake(workdir, "--report", "report.html")
-    html = (workdir / "report.html").read_text(errors="replace")
+    html = (workdir / "report.html").read_text(encoding="utf-8", errors="replace")
     for name in ("ablation.csv", "ablation.png", "ablation.md", "ca_per_class.csv", "metrics.json"):
         assert name in html, name

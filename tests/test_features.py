@@ -219,9 +219,9 @@ def test_processor_normalisation_is_read_from_the_folder(encoder_dir: Path, tmp_
     assert mean.tolist() == pytest.approx(features.RAD_DINO_MEAN) and std.tolist() == pytest.approx(features.RAD_DINO_STD)
     other = tmp_path / "enc"
     shutil.copytree(encoder_dir, other)
-    proc = json.loads((other / "preprocessor_config.json").read_text())
+    proc = json.loads((other / "preprocessor_config.json").read_text(encoding="utf-8"))
     proc.update(image_mean=[0.5, 0.4, 0.3], image_std=[0.25, 0.2, 0.1])
-    (other / "preprocessor_config.json").write_text(json.dumps(proc))
+    (other / "preprocessor_config.json").write_text(json.dumps(proc), encoding="utf-8")
     mean, std = features.processor_normalisation(other)
     assert mean.tolist() == pytest.approx([0.5, 0.4, 0.3]) and std.tolist() == pytest.approx([0.25, 0.2, 0.1])
     (other / "preprocessor_config.json").unlink()
@@ -246,9 +246,9 @@ def test_encoder_with_other_architecture_is_refused(encoder_dir: Path, tmp_path:
                                   ("model_type", "vit", "expected 'dinov2'")):
         bad = tmp_path / f"bad-{field}"
         shutil.copytree(encoder_dir, bad)
-        cfg = json.loads((bad / "config.json").read_text())
+        cfg = json.loads((bad / "config.json").read_text(encoding="utf-8"))
         cfg[field] = value
-        (bad / "config.json").write_text(json.dumps(cfg))
+        (bad / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
         with pytest.raises(features.EncoderError, match=message):
             features.load_encoder(bad)
 
@@ -553,7 +553,7 @@ def test_gpu_benchmark_script_runs_in_tiny_mode(tmp_path: Path) -> None:
                            "--out", str(tmp_path)], cwd=REPO, capture_output=True, encoding="utf-8", errors="replace",
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu_features.json").read_text())
+    result = json.loads((tmp_path / "gpu_features.json").read_text(encoding="utf-8"))
     assert result["sweep"] and result["encode_volume"]["slices_per_s"] > 0
 
 
@@ -563,7 +563,7 @@ def test_hub_id_and_revision_resolve_offline_from_the_local_cache(encoder_dir: P
     for commit in ("a" * 40, "b" * 40):
         shutil.copytree(encoder_dir, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("b" * 40)
+    (repo / "refs" / "main").write_text("b" * 40, encoding="utf-8")
     cache = tmp_path / "hub"
     model, mean, _ = features.load_encoder("acme/tiny-dino", revision="a" * 40, cache_dir=cache)
     assert model.config.hidden_size == 16 and mean.tolist() == pytest.approx(features.RAD_DINO_MEAN)

@@ -468,7 +468,7 @@ def test_save_and_load_give_identical_logits(tiny, tmp_path):
     model.save_pretrained(out)
     assert (out / CONFIG_NAME).exists() and (out / "connector_mask.safetensors").exists()
     assert (out / "adapter" / "adapter_config.json").exists()
-    cfg = json.loads((out / CONFIG_NAME).read_text())
+    cfg = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
     assert not os.path.isabs(cfg["llm_path"])  # portable
     loaded = MedRegionCT.from_pretrained(out)
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -571,7 +571,7 @@ def run_process_group(cmd, env, timeout):
 
 
 def log_records(out):
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="session")

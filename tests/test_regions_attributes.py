@@ -64,7 +64,7 @@ def test_label_table_routes_fine_structures_to_region_and_attribute_channel() ->
 
 def test_report_regions_map_every_observed_top_level_path(shared_data: Path) -> None:
     mapping = reports.load_report_regions(REPO / "config" / "regions.yaml")
-    lines = (shared_data / "label-maps" / "radgenome_anatomy_paths_observed.txt").read_text().splitlines()
+    lines = (shared_data / "label-maps" / "radgenome_anatomy_paths_observed.txt").read_text(encoding="utf-8").splitlines()
     tops = {line.split("/")[0] for line in lines if line and not line.startswith("#")}
     assert tops <= set(mapping), f"unmapped RadGenome regions: {tops - set(mapping)}"
 

@@ -43,7 +43,7 @@ def test_weights_are_written_as_safetensors() -> None:
 
 @pytest.mark.slow
 def test_demo_ran_without_any_network(demo_run: Path) -> None:
-    if (demo_run / "network.txt").read_text().strip() != "none":
+    if (demo_run / "network.txt").read_text(encoding="utf-8").strip() != "none":
         pytest.skip("no network namespace here (needs root and unshare): ran with the host network")
     # the fixture's run succeeded inside `unshare -n`: every stage, models included, ran offline
     assert (demo_run / "results" / "experiments" / "full" / "metrics.json").is_file()

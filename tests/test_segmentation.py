@@ -100,7 +100,7 @@ def test_sat_backend_through_segment_and_regions(tmp_path: Path) -> None:
                              "mask_dir": [""]})
     terms = segment.prepare_sat(manifest, 0, TABLE, tmp_path / "in.jsonl")
     assert set(terms) == set(TABLE.bits) and "lung" in terms
-    line = json.loads((tmp_path / "in.jsonl").read_text())
+    line = json.loads((tmp_path / "in.jsonl").read_text(encoding="utf-8"))
     assert line["modality"] == "ct" and line["image"] == str(ct_path.resolve()) and len(line["label"]) == len(terms)
     cmd = sat.inference_command(STANDIN, tmp_path / "in.jsonl", tmp_path / "raw", checkpoint="c", text_encoder_checkpoint="t",
                                 launcher=sys.executable)
@@ -128,7 +128,7 @@ import shutil, sys
 args = sys.argv[1:]
 assert "--ml" in args
 shutil.copy({str(labelmap)!r}, args[args.index("-o") + 1])
-""")
+""", encoding="utf-8")
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     return exe
 
@@ -141,7 +141,7 @@ def test_totalsegmentator_backend_runs_the_command_and_maps_its_labels(tmp_path:
     lab[3:, :4] = 2
     labelmap = write_image(tmp_path / "fixed.nii.gz", lab)
     names = tmp_path / "names.tsv"
-    names.write_text("# id\tname\n2\tkidney_right\n10\tlung_upper_lobe_left\n")
+    names.write_text("# id\tname\n2\tkidney_right\n10\tlung_upper_lobe_left\n", encoding="utf-8")
     exe = _fake_totalsegmentator(tmp_path, labelmap)
     manifest = pd.DataFrame({"volume_id": ["v1"], "shard": [0], "ct_path": [str(ct)], "mask_dir": [""]})
     table = segment.run_shard(manifest, 0, "totalsegmentator", tmp_path / "seg.parquet", masks_out=tmp_path / "m",

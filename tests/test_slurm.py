@@ -205,7 +205,7 @@ def test_train_with_two_processes_inside_a_slurm_job(cluster: LocalSlurm, demo_r
     assert start["event"] == "start" and start["num_processes"] == 2, start
     ranks = start["ranks"]
     assert sorted(r["rank"] for r in ranks) == [0, 1] and len({r["pid"] for r in ranks}) == 2, ranks
-    job_log = (wd / "results" / "logs" / "train" / "full-stage1.log").read_text(encoding="utf-8")
+    job_log = (wd / "results" / "logs" / "train" / "full-stage1.log").read_text(encoding="utf-8", errors="replace")
     assert "model.launch (torchrun)" in job_log and "--nproc_per_node 2" in job_log
     assert (out / "medregion_config.json").is_file()
     print(f"\ntrain_stage1 with 2 gloo processes through SLURM: {run.wall:.0f} s")

@@ -31,7 +31,7 @@ from test_model import (  # noqa: F401  (fixtures)
 )
 
 from model.data import Collator, ReportDataset, build_dataset
-from model.launch import build_launch
+from model.launch import build_launch, gpus_per_machine
 from model.network import MedRegionCT
 from model.prompt import IMG_TOKEN, MASK_TOKEN, POS_TOKEN
 from model.prompt import parse_structured as parse
@@ -103,8 +103,38 @@ def test_launch_command_from_config(tmp_path):
     assert "torch.distributed.run" in proc.stdout and "ACCELERATE_USE_CPU=true" in proc.stdout
 
 
+def test_train_gpus_follow_the_process_count():
+    acc = REPO / "config" / "accelerate"
+    assert gpus_per_machine(CPU_CFG, processes=2) == 0  # CPU ranks need no GPU
+    assert gpus_per_machine(acc / "single_gpu.yaml") == 1
+    assert gpus_per_machine(acc / "ddp.yaml") == 4  # the file's num_processes
+    assert gpus_per_machine(acc / "ddp.yaml", processes=8) == 8
+    assert gpus_per_machine(acc / "deepspeed_zero2.yaml", processes=16, machines=2) == 8  # per node
+    with pytest.raises(ValueError, match="split evenly"):
+        gpus_per_machine(acc / "ddp.yaml", processes=3, machines=2)
+
+
+@pytest.mark.parametrize(("accelerate", "processes", "gpus"), [("ddp", 4, 4), ("cpu", 2, 0)])
+def test_train_jobs_request_their_gpus(tmp_path, accelerate, processes, gpus):
+    """The train rules' `gpu` resource (what the SLURM profile turns into --gpus) is the GPUs that
+    `train.processes` will start processes on, not a fixed number in the profile."""
+    overlay = tmp_path / "train.yaml"
+    overlay.write_text(f"train:\n  accelerate_config: config/accelerate/{accelerate}.yaml\n"
+                       f"  processes: {processes}\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "--configfile", str(REPO / "tests" / "data" / "e2e_config.yaml"), str(overlay), "--",
+                           "results/experiments/full/stage2/medregion_config.json"],
+                          cwd=tmp_path, env=ENV, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    for stage in ("train_stage1", "train_stage2"):
+        block = out.split(f"rule {stage}:")[1].split("Shell command")[0]
+        resources = block.split("resources:")[1].splitlines()[0]
+        assert f"gpu={gpus}" in resources, resources
+
+
 def test_train_rule_uses_the_launcher():
-    text = (REPO / "workflow" / "rules" / "train.smk").read_text()
+    text = (REPO / "workflow" / "rules" / "train.smk").read_text(encoding="utf-8")
     assert text.count("python -m model.launch {params.launch} --") == 2
     assert "accelerate launch" not in text.split("rule train_stage1")[1]
 
@@ -441,7 +471,7 @@ def test_gpu_train_step_script_tiny_cpu(tmp_path):
         cwd=REPO, env=ENV, capture_output=True, encoding="utf-8", errors="replace", timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "gpu_train_step.json").read_text())
+    res = json.loads((tmp_path / "gpu_train_step.json").read_text(encoding="utf-8"))
     assert res["tokens_per_step"] == 900 and res["vision_tokens"] == 356 and res["mask_slots"] == 18
     assert res["params_lora"] > 0 and res["params_trainable"] < res["params_total"]
     assert res["tokens_per_s"] > 0 and np.isfinite(res["losses"]).all()

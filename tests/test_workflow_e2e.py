@@ -71,7 +71,7 @@ def test_every_stage_output_has_its_schema(run: Path) -> None:
 
 
 def test_attributes_measure_the_planted_nodules(run: Path) -> None:
-    planted = json.loads((run / "demo" / "cohort" / "planted.json").read_text())
+    planted = json.loads((run / "demo" / "cohort" / "planted.json").read_text(encoding="utf-8"))
     attrs = pd.concat(pd.read_parquet(p) for p in (run / "attributes").glob("*.parquet")).set_index("volume_id")
     checked = 0
     for vid, case in planted.items():
@@ -93,7 +93,7 @@ def test_training_generation_and_metrics(run: Path) -> None:
     exp = run / "experiments" / "full"
     for stage in ("stage1", "stage2"):
         assert (exp / stage / "medregion_config.json").is_file()
-        log = [json.loads(line) for line in (exp / stage / "train_log.jsonl").read_text().splitlines()]
+        log = [json.loads(line) for line in (exp / stage / "train_log.jsonl").read_text(encoding="utf-8").splitlines()]
         assert any("val_loss" in rec for rec in log)
     preds = pd.read_parquet(exp / "predictions.parquet")
     test_ids = set(pd.read_parquet(run / "reports" / "test.parquet")["volume_id"])
@@ -101,7 +101,7 @@ def test_training_generation_and_metrics(run: Path) -> None:
     assert {"volume_id", "report", "raw", *REGIONS} <= set(preds.columns)
     assert preds["raw"].nunique() > 1, "generated reports are constant across test volumes"
 
-    metrics = json.loads((exp / "metrics.json").read_text())
+    metrics = json.loads((exp / "metrics.json").read_text(encoding="utf-8"))
     names = set(metrics["nlg"]["report"])
     assert {"BLEU-4", "METEOR", "ROUGE-L"} <= names
     for entry in metrics["nlg"]["report"].values():
@@ -151,7 +151,7 @@ def test_truncated_volume_fails_naming_volume_and_file(run: Path, tmp_path: Path
     ct.write_bytes(data[: len(data) // 3])  # a truncated .nii.gz
     proc = snakemake(workdir, "--forcerun", "features", "--until", "features", check=False)
     assert proc.returncode != 0
-    log = (results / "logs" / "features" / "r2-shard-1.log").read_text()
+    log = (results / "logs" / "features" / "r2-shard-1.log").read_text(encoding="utf-8", errors="replace")
     assert victim["volume_id"] in log and ct.name in log, log[-2000:]
     # no output of the failed shard that looks complete
     assert not (results / "features" / "demo-dinov2-r2" / "shard-1.zarr").exists()

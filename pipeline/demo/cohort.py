@@ -340,7 +340,7 @@ def write_tables(metas: list[dict[str, Any]], root: Path) -> None:
     _write_csv(splits, root / "splits.csv")
     planted = {m["volume_id"]: {k: v for k, v in m.items() if k not in ("volume_id", "report")}
                for m in metas}
-    (root / "planted.json").write_text(json.dumps(planted, indent=1, sort_keys=True) + "\n")
+    (root / "planted.json").write_text(json.dumps(planted, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # ---- driver ---------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def write_radgenome_scale_case(out_dir: Path | str, seed: int = 0, shape_xyz: Se
         info = {"volume_id": VOLUME_ID, "size_xyz": [nx, ny, nz], "spacing_xyz": list(grid.spacing),
                 "origin_xyz": list(origin), "n_masks": len(names), "n_non_empty": non_empty,
                 "findings": meta["findings"]}
-        (tmp / "case.json").write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / "case.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--table", type=Path, default=DEFAULT_TABLE)
     args = ap.parse_args(argv)
     out = write_radgenome_scale_case(args.out, args.seed, args.shape, args.table)
-    info = json.loads((out / "case.json").read_text())
+    info = json.loads((out / "case.json").read_text(encoding="utf-8"))
     print(f"wrote {out}: {info['n_masks']} masks ({info['n_non_empty']} non-empty), {info['size_xyz']} voxels")
 
 

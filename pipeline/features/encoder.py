@@ -87,7 +87,7 @@ def check_architecture(folder: Path, expect: Mapping[str, Any] | None, layers: S
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise EncoderError(f"{folder}: no config.json, not a transformers model folder.\n{HOW_TO_GET}")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     if cfg.get("model_type") != "dinov2":
         raise EncoderError(f"{folder}: model_type {cfg.get('model_type')!r}, expected 'dinov2' (a Dinov2Model "
                            f"without register tokens, as RAD-DINO)")
@@ -121,7 +121,7 @@ def processor_normalisation(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     if not proc_file.is_file():
         raise EncoderError(f"{folder}: no preprocessor_config.json, so the pixel normalisation the encoder was "
                            f"trained with is unknown (RAD-DINO ships one).\n{HOW_TO_GET}")
-    proc = json.loads(proc_file.read_text())
+    proc = json.loads(proc_file.read_text(encoding="utf-8"))
     scale = 255.0 * (float(proc.get("rescale_factor", 1 / 255)) if proc.get("do_rescale", True) else 1.0)
     if proc.get("do_normalize", True):
         try:
@@ -190,7 +190,7 @@ def encoder_provenance(
 ) -> dict[str, Any]:
     """What the cache attributes record about the encoder (the folder's commit when it is a hub snapshot)."""
     folder = resolve_encoder(path, revision, allow_download, cache_dir)
-    cfg = _resolved_config(json.loads((folder / "config.json").read_text()))
+    cfg = _resolved_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     return {
         "encoder": str(path),
         "revision": revision,

@@ -14,6 +14,14 @@ def launch_flags():
     return " ".join(shlex.quote(f) for f in flags)
 
 
+def train_gpus():
+    """GPUs per machine for the train jobs (a SLURM job's --gpus): 0 on CPU, else processes / machines."""
+    from model.launch import gpus_per_machine
+
+    t = config["train"]
+    return gpus_per_machine(repo_file(t["accelerate_config"]), t.get("processes"), t.get("machines"))
+
+
 def train_params(stage):
     def inner(wildcards):
         return as_json({**config["train"][f"stage{stage}"], **experiment(wildcards.exp)})
@@ -46,6 +54,8 @@ rule train_stage1:
     benchmark:
         f"{RES}/benchmarks/train/{{exp}}-stage1.tsv"
     threads: 2
+    resources:
+        gpu=train_gpus(),
     conda:
         "../../envs/train.yaml"
     shell:
@@ -73,6 +83,8 @@ rule train_stage2:
     benchmark:
         f"{RES}/benchmarks/train/{{exp}}-stage2.tsv"
     threads: 2
+    resources:
+        gpu=train_gpus(),
     conda:
         "../../envs/train.yaml"
     shell:
