@@ -1,19 +1,15 @@
 """The workflow on a real one-node SLURM cluster, through `--workflow-profile profiles/slurm`.
 
-Always (where the cluster can run): a GPU job; the `features` stage of a finished demo run rerun
-through the profile while one of its jobs is killed with `scancel` mid-run, which Snakemake must retry
-(`retries` in the profile) to the same features as the local run; `train_stage1` with
-`train.processes: 2`, two gloo ranks inside one SLURM job. Opt-in (`MEDREGION_SLURM_E2E=1`; 11-15
-minutes on this shared 2-core machine, see README): the whole demo through the profile, every job
-submitted with sbatch, one killed and retried, outputs equal to the local run's (tables, predictions,
-features, metrics). Skipped, with the reason, where the cluster cannot run (not root,
-slurm-wlm/munge not installed).
+Where the cluster can run: a GPU job; the whole demo from nothing through the profile, every job
+submitted with sbatch, one `features` job killed with `scancel` mid-run and retried by Snakemake
+(`retries` in the profile), outputs equal to the local run's (tables, predictions, features, metrics);
+`train_stage1` with `train.processes: 2`, two gloo ranks inside one SLURM job. Skipped, with the
+reason, where the cluster cannot run (not root, slurm-wlm/munge not installed).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -80,12 +76,6 @@ def test_cluster_schedules_a_gpu_job(cluster: LocalSlurm) -> None:
     assert wait_for(cluster, job_id) == "COMPLETED"
     assert out.read_text(encoding="utf-8").strip() == "ok"
     assert "gpu:1" in cluster.job_info(job_id).get("TresPerJob", "")
-
-
-# The whole demo through the SLURM profile took 683-925 s in four runs here (2 cores shared with other
-# jobs; the local run 150-570 s): more than the 10 minutes a default test may take, so it is opt-in.
-needs_e2e = pytest.mark.skipif(os.environ.get("MEDREGION_SLURM_E2E") != "1",
-                               reason="set MEDREGION_SLURM_E2E=1 to run the whole demo through SLURM (11-15 min)")
 
 
 class Watch(threading.Thread):
@@ -176,20 +166,6 @@ def assert_same_features(a_dir: Path, b_dir: Path, n: int = 24) -> None:
                                        rtol=1e-2, atol=1e-2, err_msg=f"{vid} {name}")
 
 
-def test_a_job_killed_mid_run_is_retried(cluster: LocalSlurm, demo_run: Path, tmp_path: Path) -> None:
-    """The features stage of the finished demo, rerun through SLURM; one shard's job is killed."""
-    wd = copy_of(demo_run, tmp_path / "wd")
-    for log in (wd / "results" / "logs" / "features").glob("*.log"):
-        log.unlink()  # the watch waits for the killed job's rule to (re)create its log
-    run = run_through_slurm(cluster, wd, "--forcerun", "features", "--until", "features", kill=KILLED,
-                            started=wd / "results" / "logs" / "features" / "r2-shard-0.log")
-    assert_killed_once_and_retried(run, KILLED)
-    assert sorted(rule_of(j["comment"]) for j in run.jobs if j["state"] == "COMPLETED") == ["features"] * 3
-    # the retry left complete features, equal to the local run's
-    assert_same_features(demo_run / "results" / "features" / "demo-dinov2-r2",
-                         wd / "results" / "features" / "demo-dinov2-r2")
-
-
 def test_train_with_two_processes_inside_a_slurm_job(cluster: LocalSlurm, demo_run: Path, tmp_path: Path) -> None:
     """`train.processes: 2` on CPU: model/launch.py starts two gloo ranks (torchrun) in one SLURM job."""
     wd = copy_of(demo_run, tmp_path / "wd")
@@ -230,7 +206,6 @@ def planned_jobs(log: str) -> int:
     return int(re.search(r"Job stats:.*?\ntotal\s+(\d+)", log, re.S).group(1))
 
 
-@needs_e2e
 def test_every_job_went_through_sbatch(slurm_run: SlurmRun) -> None:
     jobs, log = slurm_run.jobs, slurm_run.log
     assert jobs, "no job reached the cluster"
@@ -261,7 +236,6 @@ def test_every_job_went_through_sbatch(slurm_run: SlurmRun) -> None:
         assert info["TimeLimit"] == limit, (job, info["TimeLimit"])
 
 
-@needs_e2e
 def test_the_killed_job_of_the_full_demo_was_retried(slurm_run: SlurmRun) -> None:
     assert_killed_once_and_retried(slurm_run, KILLED)
 
@@ -270,7 +244,6 @@ def assert_same_table(a: Path, b: Path) -> None:
     pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b), obj=str(a.name))
 
 
-@needs_e2e
 def test_slurm_outputs_equal_the_local_run(slurm_run: SlurmRun, demo_run: Path) -> None:
     local, remote = demo_run / "results", slurm_run.workdir / "results"
     tables = sorted(p.relative_to(local) for p in local.rglob("*.parquet") if "demo" not in p.parts)
