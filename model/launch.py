@@ -75,13 +75,23 @@ def gpus_per_machine(accelerate_config: str | os.PathLike, processes: int | None
     processes per machine (one process per GPU). The train rules request this as their `gpu` resource,
     so a SLURM job is granted the GPUs its launcher will start processes on."""
     cfg = read_accelerate_config(accelerate_config)
+    # not is_cpu_config(): the workflow plans jobs on a login node without CUDA, where a GPU file's
+    # `distributed_type: NO` (single_gpu.yaml) must still ask for its GPU
     if cfg.get("use_cpu") or str(cfg.get("distributed_type", "NO")) == "MULTI_CPU":
         return 0
-    nproc = int(processes if processes is not None else cfg.get("num_processes", 1) or 1)
-    nmach = int(machines if machines is not None else cfg.get("num_machines", 1) or 1)
-    if nproc < 1 or nmach < 1 or nproc % nmach:
+    nproc, nmach = process_counts(cfg, processes, machines)
+    if nproc % nmach:
         raise ValueError(f"{accelerate_config}: {nproc} processes do not split evenly over {nmach} machines")
     return nproc // nmach
+
+
+def process_counts(cfg: dict[str, Any], processes: int | None, machines: int | None) -> tuple[int, int]:
+    """(processes, machines): the ones given, else the Accelerate file's; both must be >= 1."""
+    nproc = int(processes if processes is not None else cfg.get("num_processes", 1) or 1)
+    nmach = int(machines if machines is not None else cfg.get("num_machines", 1) or 1)
+    if nproc < 1 or nmach < 1:
+        raise ValueError(f"processes ({nproc}) and machines ({nmach}) must be >= 1")
+    return nproc, nmach
 
 
 def build_launch(
@@ -99,10 +109,7 @@ def build_launch(
 ) -> Launch:
     environ = dict(os.environ if environ is None else environ)
     cfg = read_accelerate_config(accelerate_config)
-    nproc = int(processes if processes is not None else cfg.get("num_processes", 1) or 1)
-    nmach = int(machines if machines is not None else cfg.get("num_machines", 1) or 1)
-    if nproc < 1 or nmach < 1:
-        raise ValueError(f"processes ({nproc}) and machines ({nmach}) must be >= 1")
+    nproc, nmach = process_counts(cfg, processes, machines)
     if nmach > 1:
         if machine_rank is None:
             rank = environ.get("SLURM_NODEID", environ.get("MACHINE_RANK"))

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +44,16 @@ def no_network_prefix() -> list[str]:
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
-              timeout: float = 1800, offline: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the project's workflow with the end-to-end test config in `workdir`.
+              timeout: float = 1800, offline: bool = False,
+              configfiles: Sequence[Path] = (E2E_CONFIG,)) -> subprocess.CompletedProcess[str]:
+    """Run the project's workflow in `workdir` with `configfiles` over config/config.yaml (default: the
+    end-to-end test config); `check` raises with Snakemake's output when it fails.
 
     `offline=True` runs it in a network namespace of its own (nothing reachable), where possible.
     """
     prefix = no_network_prefix() if offline else []
     cmd = [*prefix, sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(E2E_CONFIG), "--cores", "2", *args]
+           "--configfile", *map(str, configfiles), "--cores", "2", *args]
     env = {**(env or os.environ), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=timeout)
     if check and proc.returncode != 0:

@@ -20,7 +20,6 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import zarr
-from conftest import REPO, write_image
+from conftest import REPO, snakemake, write_image
 
 from pipeline import attributes, cohort, dicom, regions, reports, segment
 from pipeline.feature_store import FeatureStore, FeatureStoreError, write_feature_shard
@@ -848,13 +847,7 @@ features: {threads: 1}
 
 
 def _snakemake(workdir: Path, *targets: str) -> subprocess.CompletedProcess[str]:
-    import os
-
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *targets]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, encoding="utf-8", errors="replace", env=env,
-                          timeout=1200)
+    return snakemake(workdir, *targets, check=False, timeout=1200, configfiles=[workdir / "config.yaml"])
 
 
 @pytest.mark.slow

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -31,7 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 import SimpleITK as sitk
 import zarr
-from conftest import REPO
+from conftest import snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -62,12 +61,7 @@ features: {threads: 1}
 
 
 def _snakemake(workdir: Path, *targets: str) -> None:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *targets]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, encoding="utf-8", errors="replace", env=env,
-                          timeout=1200)
-    assert proc.returncode == 0, f"snakemake {targets} failed:\n{proc.stderr[-5000:]}"
+    snakemake(workdir, *targets, timeout=1200, configfiles=[workdir / "config.yaml"])
 
 
 def write_dicom_series(image: sitk.Image, folder: Path) -> list[Path]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import E2E_CONFIG, snakemake
 from test_model import (  # noqa: F401  (fixtures)
     REPO,
     C,
@@ -121,11 +122,8 @@ def test_train_jobs_request_their_gpus(tmp_path, accelerate, processes, gpus):
     overlay = tmp_path / "train.yaml"
     overlay.write_text(f"train:\n  accelerate_config: config/accelerate/{accelerate}.yaml\n"
                        f"  processes: {processes}\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-                           "--configfile", str(REPO / "tests" / "data" / "e2e_config.yaml"), str(overlay), "--",
-                           "results/experiments/full/stage2/medregion_config.json"],
-                          cwd=tmp_path, env=ENV, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = snakemake(tmp_path, "-n", "results/experiments/full/stage2/medregion_config.json", timeout=300,
+                     configfiles=(E2E_CONFIG, overlay))
     out = proc.stdout + proc.stderr
     for stage in ("train_stage1", "train_stage2"):
         block = out.split(f"rule {stage}:")[1].split("Shell command")[0]
