@@ -196,6 +196,18 @@ def test_labels_match_planted(cohort, planted):
         assert rec["normal"] == (not rec["findings"])
 
 
+def test_every_normal_phrasing_labels_as_normal():
+    """Each way the generator says "normal" must read as no finding to the evaluation labeler, or the
+    demo's clinical F1 counts the phrasing, not the model ("lymph nodes are not enlarged" once did)."""
+    from pipeline.demo.report_text import _NORMAL, _NORMAL_IMPRESSION
+    from pipeline.evaluate.labeler import CLASSES, label_reports
+
+    texts = [t for options in _NORMAL.values() for t in options] + _NORMAL_IMPRESSION
+    labels = label_reports(texts)
+    wrong = {t: [c for c, v in zip(CLASSES, row) if v] for t, row in zip(texts, labels) if row.any()}
+    assert not wrong, wrong
+
+
 def test_report_text_matches_planted_findings(planted, reports):
     text = dict(zip(reports["VolumeName"], reports["Findings_EN"]))
     for vid, rec in planted.items():

@@ -296,7 +296,7 @@ _POST_NEG = re.compile(
     r"\b(?:(?:was|were|is|are|has been|have been|could be|can be)\s+)?not\s+(?:\w+\s+){0,2}?(?:observed|"
     r"detected|seen|identified|present|noted|found|evident|visuali[sz]ed|monitored|determined|"
     r"encountered|demonstrated|shown|revealed|apparent|distinguished|described|considered|"
-    r"developed|followed)\b|"
+    r"developed|followed|enlarged)\b|"
     r"\b(?:is|are|was|were)\s+absent\b|\bare open\b|\bis open\b|\bwere open\b|\bwas open\b|"
     r"\bwithin normal limits\b|\bdisappeared\b|\bregressed completely\b|\bresolved\b|"
     r"\bno longer\s+(?:\w+\s+)?(?:observed|seen|detected|present|visible|evident|noted|identified)\b|"
