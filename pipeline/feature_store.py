@@ -74,7 +74,7 @@ PACKED = "packed"
 COMPRESSORS: tuple[str, ...] = ("lz4", "zstd", "none")
 # Attributes that must agree between the shards one reader serves (mixing r2 and lita, or two
 # encoders, in one training set would be silently wrong).
-_CONSISTENT = ("encoder", "revision", "weights_sha256", "hidden_size", "input_size", "hu_window", "layers",
+_CONSISTENT = ("encoder", "revision", "weights_sha256", "hidden_size", "input_size", "hu_window", "channel_windows", "layers",
                "pooling", "slices", "region_grid", "mask_grid", "code_version")
 _FP16_EXACT_INT = 2048
 

@@ -161,6 +161,36 @@ def test_hu_window_min_max_and_constant_ct() -> None:
         assert torch.isfinite(flat).all() and float(flat.max() - flat.min()) == 0.0
 
 
+def test_channel_windows_give_one_ramp_per_channel() -> None:
+    cfg = FeatureConfig(input_size=(2, 4, 4), channel_windows=((-1000.0, -900.0), (-10.0, 10.0), (400.0, 450.0)))
+    ct = np.array([-1000, -950, -855, 0, 5, 40, 425, 1000] * 4, np.float32).reshape(2, 4, 4)
+    x = features.preprocess_ct(ct, cfg)
+    assert x.shape == (2, 3, 4, 4)
+    assert x[0, 0, :2].flatten().tolist() == pytest.approx([0.0, 0.5, 1, 1, 1, 1, 1, 1])
+    assert x[0, 1, :2].flatten().tolist() == pytest.approx([0, 0, 0, 0.5, 0.75, 1, 1, 1])
+    assert x[0, 2, :2].flatten().tolist() == pytest.approx([0, 0, 0, 0, 0, 0, 0.5, 1])
+    for bad in (((0.0, 0.0),), ((1.0, 2.0, 3.0),), ()):
+        with pytest.raises(FeatureConfigError, match="channel_windows"):
+            FeatureConfig(channel_windows=bad)
+    params = cfg.to_params()  # JSON round trip (rule -> CLI)
+    assert FeatureConfig.from_params(json.loads(json.dumps(params))) == cfg
+
+
+def test_channel_means_encoder_carries_patch_means_through_every_block(tmp_path: Path) -> None:
+    """Dims 0..C-1 of every block's output are the patch means of the C input channels, whatever the
+    random weights elsewhere (attention and MLP read them but never write them)."""
+    path = tmp_path / "enc"
+    features.build_demo_encoder(path, hidden_size=16, layers=3, heads=2, channels=5, channel_means=True)
+    enc, mean, std = features.load_encoder(path, layers=(1, 2, 3))
+    assert enc.config.num_channels == 5 and mean.tolist() == [0.0] * 5 and std.tolist() == [1.0] * 5
+    x = torch.rand(2, 5, 28, 42)
+    out = enc(pixel_values=x, output_hidden_states=True)
+    want = torch.nn.functional.avg_pool2d(x, 14).flatten(2).transpose(1, 2)  # (B, 6 patches, 5)
+    for h in out.hidden_states[1:]:
+        assert torch.allclose(h[:, 1:, :5], want, atol=1e-5)
+    assert not torch.allclose(out.hidden_states[-1][:, 1:, 5:], out.hidden_states[1][:, 1:, 5:])  # the rest moves
+
+
 def test_masks_resize_by_area_fraction_and_thin_structures_survive() -> None:
     # a 1-voxel-thick plane among 110 slices, resampled to 32: box fraction ~0.29 >= 0.25 survives;
     # trilinear point sampling could miss it

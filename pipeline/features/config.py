@@ -25,6 +25,9 @@ class FeatureConfig:
     - `hu_window` (lo, hi): HU clip, then min-max to [0, 1] with the window's own bounds (the paper's
       "consistent min-max normalisation": the same mapping for every volume, so a constant CT cannot
       divide by zero). Default [-1000, 1000] HU: air to cortical bone, lung and soft tissue both in.
+    - `channel_windows`: one (lo, hi) HU window per encoder input channel (e.g. lung, mediastinal,
+      bone), each clipped and min-max scaled like `hu_window`; None: `hu_window` in every channel
+      (the paper's grey input, as RAD-DINO was trained on).
     - `layers`: encoder blocks whose outputs are mask-pooled (hidden_states[l], 1-based, not
       layer-normed); RAD-DINO: 3, 6, 9, 12.
     - `pooling` r2 | lita, `slices` s (None = one per region, 6), `region_grid` (h, w) of the pooled
@@ -42,6 +45,7 @@ class FeatureConfig:
 
     input_size: tuple[int, int, int] = (32, 256, 256)
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    channel_windows: tuple[tuple[float, float], ...] | None = None
     layers: tuple[int, ...] = (3, 6, 9, 12)
     pooling: str = "r2"
     slices: int | None = None
@@ -60,6 +64,10 @@ class FeatureConfig:
         lo, hi = self.hu_window
         if not hi > lo:
             raise FeatureConfigError(f"features.hu_window {list(self.hu_window)}: the upper bound must exceed the lower")
+        windows = self.channel_windows
+        if windows is not None and (not windows or any(len(w) != 2 or not w[1] > w[0] for w in windows)):
+            raise FeatureConfigError(f"features.channel_windows {windows}: [lo, hi] HU windows with hi > lo, one per "
+                                     f"encoder input channel (or null)")
         if not self.layers or min(self.layers) < 1:
             raise FeatureConfigError(f"features.layers {list(self.layers)}: blocks are numbered from 1")
         if self.pooling not in POOLING_MODES:
@@ -109,7 +117,10 @@ class FeatureConfig:
         return min(options, key=lambda hw: (round(abs(math.log(hw[0] / hw[1] / aspect)), 9), hw[0]))
 
     def to_params(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        def plain(v: Any) -> Any:
+            return [plain(x) for x in v] if isinstance(v, tuple) else v
+
+        return {k: plain(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> FeatureConfig:
@@ -122,5 +133,7 @@ class FeatureConfig:
         for k, v in params.items():
             if v is not None and k in ("input_size", "hu_window", "layers", "region_grid", "mask_grid"):
                 v = tuple(float(x) for x in v) if k == "hu_window" else tuple(int(x) for x in v)
+            if v is not None and k == "channel_windows":
+                v = tuple((float(a), float(b)) for a, b in v)
             kw[k] = v
         return cls(**kw)

@@ -71,16 +71,18 @@ def encode_prepared(
 
     blocks = _blocks(encoder)
     handles = [blocks[layer - 1].register_forward_hook(hook(li)) for li, layer in enumerate(cfg.layers)]
-    m_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    s_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    m_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    s_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    channels = m_t.shape[1]
     glob = torch.empty(depth, c, device=device)
     keep: dict[int, torch.Tensor] = {}
     raw = torch.empty(depth, p, c, dtype=torch.float16) if keep_raw else None
     try:
         for start in range(0, depth, cfg.batch_size):
             stop = min(start + cfg.batch_size, depth)
-            x = prep.pixels[start:stop].to(device, non_blocking=True)[:, None]
-            x = (x.expand(-1, 3, -1, -1) - m_t) / s_t
+            x = prep.pixels[start:stop].to(device, non_blocking=True)
+            x = x[:, None].expand(-1, channels, -1, -1) if x.ndim == 3 else x  # one window: grey in every channel
+            x = (x - m_t) / s_t
             current["w"] = weights[:, start * p : stop * p]
             with _autocast(device):
                 last = encoder(pixel_values=x).last_hidden_state[:, 1:]

@@ -111,7 +111,7 @@ def _resolved_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     return Dinov2Config.from_dict(dict(raw)).to_dict()
 
 
-def processor_normalisation(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+def processor_normalisation(folder: Path, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """(scale-adjusted mean, std) so that `(x - mean) / std` is the processor's output for x in [0, 1].
 
     The processor sees 8-bit pixels: p = 255 x, rescaled by `rescale_factor` when `do_rescale`, then
@@ -130,11 +130,12 @@ def processor_normalisation(folder: Path) -> tuple[np.ndarray, np.ndarray]:
         except KeyError as exc:
             raise EncoderError(f"{proc_file}: {exc.args[0]} missing") from None
     else:
-        mean, std = np.zeros(3), np.ones(3)
+        mean, std = np.zeros(channels), np.ones(channels)
     if mean.size == 1:
-        mean, std = np.repeat(mean, 3), np.repeat(std, 3)
-    if mean.size != 3 or std.size != 3 or (std <= 0).any():
-        raise EncoderError(f"{proc_file}: image_mean / image_std must be 3 values with std > 0")
+        mean, std = np.repeat(mean, channels), np.repeat(std, channels)
+    if mean.size != channels or std.size != channels or (std <= 0).any():
+        raise EncoderError(f"{proc_file}: image_mean / image_std must be {channels} values (the encoder's "
+                           f"input channels) with std > 0")
     # (scale x - mean) / std == (x - mean / scale) / (std / scale)
     return (mean / scale).astype(np.float32), (std / scale).astype(np.float32)
 
@@ -164,8 +165,8 @@ def load_encoder(
     from transformers import Dinov2Model
 
     folder = resolve_encoder(path, revision, allow_download, cache_dir)
-    check_architecture(folder, expect, layers)
-    mean, std = processor_normalisation(folder)
+    arch = check_architecture(folder, expect, layers)
+    mean, std = processor_normalisation(folder, int(arch.get("num_channels", 3)))
     try:
         # a hub id goes through from_pretrained itself (same snapshot as `folder`); a folder as is
         source = str(folder) if Path(path).is_dir() else str(path)
@@ -202,30 +203,63 @@ def encoder_provenance(
     }
 
 
-def demo_encoder_config(hidden_size: int = 64, layers: int = 4, heads: int = 4) -> Any:
-    """RAD-DINO's architecture (`RAD_DINO_ARCH`) with the width / depth / heads given."""
+def demo_encoder_config(hidden_size: int = 64, layers: int = 4, heads: int = 4, channels: int = 3) -> Any:
+    """RAD-DINO's architecture (`RAD_DINO_ARCH`) with the width / depth / heads / input channels given."""
     from transformers import Dinov2Config
 
     return Dinov2Config(**{**RAD_DINO_ARCH, "hidden_size": hidden_size, "num_hidden_layers": layers,
-                           "num_attention_heads": heads})
+                           "num_attention_heads": heads, "num_channels": channels})
 
 
-def build_demo_encoder(out_dir: Path, hidden_size: int = 64, layers: int = 4, heads: int = 4, seed: int = 0) -> None:
+def set_channel_means(model: Any, gain: float = 1.0) -> None:
+    """Make token dims 0..C-1 the patch means of the C input channels (times `gain`), unchanged by
+    every block: no position embedding there, and layer scale 0 on those dims, so attention and MLP
+    never write to them (they still read them). With channels that are narrow HU windows (a ramp
+    from 0 to 1 across the window), dim c is the fraction of the patch above channel c's window:
+    mask pooling then gives each anatomical region's HU-band fractions, which is what a pretrained
+    encoder would let the model see of emphysema, ground glass, consolidation or calcification, and
+    a random one does not (its features average such small findings away)."""
+    c = int(model.config.num_channels)
+    if c > model.config.hidden_size:
+        raise ValueError(f"{c} input channels need a width >= {c}, got {model.config.hidden_size}")
+    emb = model.embeddings
+    with torch.no_grad():
+        w = emb.patch_embeddings.projection.weight  # (hidden, C, p, p)
+        w[:c] = 0.0
+        for k in range(c):
+            w[k, k] = gain / (w.shape[2] * w.shape[3])
+        emb.patch_embeddings.projection.bias[:c] = 0.0
+        emb.position_embeddings[..., :c] = 0.0
+        emb.cls_token[..., :c] = 0.0
+        for block in model.encoder.layer:
+            block.layer_scale1.lambda1[:c] = 0.0
+            block.layer_scale2.lambda1[:c] = 0.0
+
+
+def build_demo_encoder(out_dir: Path, hidden_size: int = 64, layers: int = 4, heads: int = 4, seed: int = 0,
+                       channels: int = 3, channel_means: bool = False) -> None:
     """A randomly initialised Dinov2 + RAD-DINO's processor config, saved like a hub folder.
 
     `hidden_size=768, layers=12, heads=12` is RAD-DINO's exact architecture (86.6 M parameters), for
     realistic-cost benchmarks without the weights. Loaded by `load_encoder` like the real model.
+    `channel_means`: dims 0..channels-1 measure the patch means of the input channels
+    (`set_channel_means`), with a processor that passes pixels through unchanged (mean 0, std 1).
     """
     from transformers import BitImageProcessor, Dinov2Model
 
     from pipeline.io import atomic_output
 
     torch.manual_seed(seed)
+    mean, std = (RAD_DINO_MEAN, RAD_DINO_STD) if channels == 3 and not channel_means else ([0.0] * channels,
+                                                                                           [1.0] * channels)
     processor = BitImageProcessor(
         do_resize=True, size={"shortest_edge": 518}, resample=3, do_center_crop=True,
         crop_size={"height": 518, "width": 518}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=RAD_DINO_MEAN, image_std=RAD_DINO_STD, do_convert_rgb=True,
+        do_normalize=True, image_mean=mean, image_std=std, do_convert_rgb=True,
     )
+    model = Dinov2Model(demo_encoder_config(hidden_size, layers, heads, channels))
+    if channel_means:
+        set_channel_means(model)
     with atomic_output(Path(out_dir)) as tmp:
-        Dinov2Model(demo_encoder_config(hidden_size, layers, heads)).save_pretrained(tmp)
+        model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -42,13 +42,16 @@ class PreparedVolume:
 
 
 def preprocess_ct(ct: np.ndarray, cfg: FeatureConfig) -> torch.Tensor:
-    """(z, y, x) HU -> (D, H, W) float32 in [0, 1]."""
-    lo, hi = cfg.hu_window
+    """(z, y, x) HU -> (D, H, W) float32 in [0, 1]; (D, 3, H, W) with `channel_windows`.
+
+    Resampled in HU first, windowed after: a window is a clip, and clipping before a trilinear
+    resize would blur a narrow window's edges differently per channel."""
     x = torch.from_numpy(np.asarray(ct, dtype=np.float32))
-    x = x.clamp(lo, hi).sub_(lo).mul_(1.0 / (hi - lo))
     if tuple(x.shape) != tuple(cfg.input_size):
         x = F.interpolate(x[None, None], size=cfg.input_size, mode="trilinear", align_corners=False)[0, 0]
-    return x.clamp_(0.0, 1.0).contiguous()
+    windows = cfg.channel_windows or (cfg.hu_window,)
+    out = [(x.clamp(lo, hi) - lo).mul_(1.0 / (hi - lo)).clamp_(0.0, 1.0) for lo, hi in windows]
+    return (out[0] if len(out) == 1 else torch.stack(out, dim=1)).contiguous()
 
 
 @functools.lru_cache(maxsize=64)

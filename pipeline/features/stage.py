@@ -31,7 +31,7 @@ import torch
 
 from pipeline.constants import CHANNELS, REGIONS, TOKEN_MASKS
 from pipeline.feature_store import FeatureShardWriter, RawTokenStore, RawTokenWriter
-from pipeline.features.config import FeatureConfig
+from pipeline.features.config import FeatureConfig, FeatureConfigError
 from pipeline.features.encode import encode_prepared
 from pipeline.features.encoder import (
     build_demo_encoder,
@@ -191,12 +191,17 @@ def run_shard(
     volumes = stream_volumes(ShardVolumes(todo, str(masks_zarr), cfg, patch), cfg.workers, cfg.prefetch)
     encoder, mean, std = load_encoder(encoder_path, revision, expect=expect, layers=cfg.layers,
                                       allow_download=allow_download)
+    n_in = int(encoder.config.num_channels)
+    if cfg.channel_windows is not None and len(cfg.channel_windows) != n_in:
+        raise FeatureConfigError(f"features.channel_windows gives {len(cfg.channel_windows)} windows, but the encoder "
+                                 f"{encoder_path} takes {n_in} input channels: give one window per channel")
     encoder = encoder.to(device)
     prov = encoder_provenance(encoder_path, revision, allow_download)
     common = {
         **prov,
         "input_size": list(cfg.input_size),
         "hu_window": list(cfg.hu_window),
+        "channel_windows": cfg.to_params()["channel_windows"],
         "mask_threshold": cfg.mask_threshold,
         "layers": list(cfg.layers),
         "patch_grid": [gh, gw],
@@ -247,7 +252,8 @@ def pool_shard(raw_path: Path, cfg: FeatureConfig, out: Path) -> list[str]:
     log = setup_logging()
     raw = RawTokenStore(raw_path)
     a = raw.attrs
-    fixed = {"input_size": list(cfg.input_size), "hu_window": list(cfg.hu_window), "layers": list(cfg.layers),
+    fixed = {"input_size": list(cfg.input_size), "hu_window": list(cfg.hu_window),
+             "channel_windows": cfg.to_params()["channel_windows"], "layers": list(cfg.layers),
              "mask_threshold": cfg.mask_threshold, "mask_grid": list(cfg.mask_grid)}
     changed = {k: (a.get(k), v) for k, v in fixed.items() if a.get(k) != v}
     if changed:
@@ -300,9 +306,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo.add_argument("--layers", type=int, default=4)
     demo.add_argument("--heads", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--channels", type=int, default=3, help="input channels (one per features.channel_windows)")
+    demo.add_argument("--channel-means", action="store_true",
+                      help="token dims 0..channels-1 = patch means of the channels (see set_channel_means)")
     args = ap.parse_args(argv)
     if args.command == "demo-encoder":
-        build_demo_encoder(args.out, args.hidden_size, args.layers, args.heads, args.seed)
+        build_demo_encoder(args.out, args.hidden_size, args.layers, args.heads, args.seed, args.channels,
+                           args.channel_means)
         return
     cfg = FeatureConfig.from_params(json.loads(args.params_json))
     if args.command == "pool":

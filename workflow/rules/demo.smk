@@ -30,6 +30,8 @@ if config["features"]["encoder"].get("build_demo", False):
         params:
             hidden=config["features"]["encoder"].get("demo_hidden_size", 64),
             layers=config["features"]["encoder"].get("demo_layers", 4),
+            channels=len(config["features"].get("channel_windows") or [None] * 3),
+            means="--channel-means" if config["features"]["encoder"].get("demo_channel_means", False) else "",
         log:
             f"{RES}/logs/demo_encoder.log",
         benchmark:
@@ -38,7 +40,7 @@ if config["features"]["encoder"].get("build_demo", False):
             "../../envs/pipeline.yaml"
         shell:
             "python -m pipeline.features demo-encoder --out {output} --hidden-size {params.hidden}"
-            " --layers {params.layers} > {log} 2>&1"
+            " --layers {params.layers} --channels {params.channels} {params.means} > {log} 2>&1"
 
 
 if config["llm"].get("build_demo", False):

@@ -10,10 +10,10 @@ FEATURE_TAG_DIR = f"{FEATURE_ARRAYS_DIR}/{FEAT['tag']}"
 RAW_FEATURES = f"{FEATURE_TAG_DIR}-raw/shard-{{shard}}.zarr"
 POOLED_FEATURES = f"{FEATURE_TAG_DIR}-{{pooling}}/shard-{{shard}}.zarr"
 # settings that change the encoding (a change re-encodes); pooling settings only re-pool
-ENCODE_KEYS = ("input_size", "hu_window", "layers", "batch_size", "mask_grid", "mask_threshold", "prefetch",
+ENCODE_KEYS = ("input_size", "hu_window", "channel_windows", "layers", "batch_size", "mask_grid", "mask_threshold", "prefetch",
                "workers", "compressor", "device")
 # what `pool` checks against the raw-token cache it reads, and how it writes
-POOL_CHECKED = ("input_size", "hu_window", "layers", "mask_grid", "mask_threshold", "compressor")
+POOL_CHECKED = ("input_size", "hu_window", "channel_windows", "layers", "mask_grid", "mask_threshold", "compressor")
 
 
 def encode_settings():
