@@ -50,6 +50,7 @@ class MedRegionCTConfig:
     levels: int = 4  # L
     mask_grid: tuple[int, ...] = (8, 16, 16)
     connector: str = "linear"  # "linear" (paper) | "mlp"
+    feature_norm: bool = False  # standardise the cached features with training-set statistics (FeatureNorm)
     mask_hidden: int = 1024
     use_mask_tokens: bool = True
     use_attributes: bool = True
@@ -98,29 +99,68 @@ class MedRegionCTConfig:
         return cls(**d)
 
 
-class Connector(nn.Module):
-    """Encoder width C -> LM width H, applied token-wise (linear as the paper, or a 2-layer MLP)."""
+class FeatureNorm(nn.Module):
+    """x -> (x - mean) / std per feature dim, with the training set's statistics (buffers, saved with
+    the weights; identity until `fit`).
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear"):
+    Frozen-encoder features differ in scale per dim by orders of magnitude (a ViT's few huge
+    "massive activation" dims; the demo encoder's HU-band fractions, some ~1e-3). Adam moves every
+    weight by about lr per step whatever its input's scale, so the linear layer on raw features
+    cannot pick up a dim that varies by 1e-3 in a few hundred steps; standardised, it can.
+    """
+
+    STD_FLOOR = 1e-4  # below fp16's resolution near 1 (the cache's dtype): constant dims stay ~0
+
+    def __init__(self, shape: tuple[int, ...]):
         super().__init__()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted.item())
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        """x: (N, *shape) samples."""
+        x = x.double()
+        self.mean.copy_(x.mean(dim=0))
+        self.std.copy_(x.std(dim=0, unbiased=False).clamp_min(self.STD_FLOOR))
+        self.fitted.fill_(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+class Connector(nn.Module):
+    """Encoder width C -> LM width H, applied token-wise (linear as the paper, or a 2-layer MLP),
+    after a fixed per-dim standardisation (`FeatureNorm`)."""
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", feature_norm: bool = False):
+        super().__init__()
+        self.norm = FeatureNorm((in_dim,)) if feature_norm else None
         if kind == "linear":
             self.net = nn.Sequential(nn.Linear(in_dim, out_dim))
         else:
             self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(x if self.norm is None else self.norm(x))
 
 
 class MaskExtractor(nn.Module):
     """Osprey-style mask extractor on cached, parameter-free mask pooling.
 
-    mask_pooled (B, M, L, C) -> per-level Linear(C -> hidden), summed over levels, Linear(hidden -> H).
+    mask_pooled (B, M, L, C) -> standardised per (level, dim) (`FeatureNorm`) -> per-level
+    Linear(C -> hidden), summed over levels, Linear(hidden -> H).
     mask_grid (B, M, d, h, w) -> flatten -> Linear -> ReLU -> Linear -> ReLU -> Linear (-> H).
     """
 
-    def __init__(self, in_dim: int, levels: int, grid_size: int, hidden: int, out_dim: int):
+    def __init__(self, in_dim: int, levels: int, grid_size: int, hidden: int, out_dim: int,
+                 feature_norm: bool = False):
         super().__init__()
+        self.norm = FeatureNorm((levels, in_dim)) if feature_norm else None
         self.level_proj = nn.ModuleList(nn.Linear(in_dim, hidden) for _ in range(levels))
         self.mask_out = nn.Linear(hidden, out_dim)
         self.spatial = nn.Sequential(
@@ -138,6 +178,8 @@ class MaskExtractor(nn.Module):
             raise ValueError(
                 f"mask_pooled has {mask_pooled.shape[2]} levels, extractor expects {len(self.level_proj)}"
             )
+        if self.norm is not None:
+            mask_pooled = self.norm(mask_pooled)
         summed = sum(proj(mask_pooled[:, :, i]) for i, proj in enumerate(self.level_proj))
         mask_tokens = self.mask_out(summed)
         spatial_tokens = self.spatial(mask_grid.flatten(2))
@@ -170,12 +212,13 @@ class MedRegionCT(nn.Module):
         self.llm = llm
         hidden = llm.get_input_embeddings().embedding_dim
         config.llm_hidden = hidden
-        self.connector = Connector(config.encoder_hidden, hidden, config.connector)
+        self.connector = Connector(config.encoder_hidden, hidden, config.connector, config.feature_norm)
         grid_size = 1
         for s in config.mask_grid:
             grid_size *= s
         self.mask_extractor = (
-            MaskExtractor(config.encoder_hidden, config.levels, grid_size, config.mask_hidden, hidden)
+            MaskExtractor(config.encoder_hidden, config.levels, grid_size, config.mask_hidden, hidden,
+                          config.feature_norm)
             if config.prompt_uses_masks  # stage 1 prompts carry no mask tokens: no extractor to drag along
             else None
         )
@@ -250,6 +293,28 @@ class MedRegionCT(nn.Module):
             for name, p in self.llm.named_parameters():
                 if "lora_" in name:
                     p.requires_grad_(True)
+
+    def fit_feature_norms(self, samples: Any) -> list[str]:
+        """Fit the connector's and mask extractor's `FeatureNorm`s that are not fitted yet (stage 2
+        keeps stage 1's connector statistics) on the training samples (items of `model.data`);
+        returns the names fitted. Deterministic, so a resumed run fits the same values."""
+        todo = [(name, m) for name, m in (("connector", getattr(self.connector, "norm", None)),
+                                          ("mask_extractor", getattr(self.mask_extractor, "norm", None)))
+                if m is not None and not m.is_fitted]
+        if not todo:
+            return []
+        vision, pooled = [], []
+        for item in samples:
+            vision.append(item["vision"].reshape(-1, item["vision"].shape[-1]))
+            if "mask_pooled" in item:
+                mp = item["mask_pooled"]
+                pooled.append(mp[mp.flatten(1).abs().amax(dim=1) > 0])  # an absent mask's rows are all zero
+        for name, norm in todo:
+            if name == "connector":
+                norm.fit(torch.cat(vision))
+            elif pooled:
+                norm.fit(torch.cat(pooled))
+        return [name for name, _ in todo]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the trainable tensors (what a training checkpoint needs; the base LM is never copied)."""

@@ -44,6 +44,7 @@ DEFAULTS = {
     "use_mask_tokens": True,
     "use_attributes": True,
     "connector": "linear",
+    "feature_norm": False,
     "mask_hidden": 1024,
     "lora_r": 16,
     "lora_alpha": 32,
@@ -157,6 +158,7 @@ def network_config(store, p: dict, llm: str, stage: int):
         levels=int(probe["mask_pooled"].shape[1]),
         mask_grid=tuple(int(s) for s in probe["mask_grid"].shape[1:]),
         connector=p["connector"],
+        feature_norm=p["feature_norm"],
         mask_hidden=p["mask_hidden"],
         use_mask_tokens=p["use_mask_tokens"],
         use_attributes=p["use_attributes"],
@@ -172,7 +174,7 @@ def network_config(store, p: dict, llm: str, stage: int):
 
 
 # what a stage-1 folder must share with the stage-2 run that starts from it
-INIT_MUST_MATCH = ("encoder_hidden", "n_global", "n_region", "connector", "pooling")
+INIT_MUST_MATCH = ("encoder_hidden", "n_global", "n_region", "connector", "feature_norm", "pooling")
 
 
 def check_init(init: Path, config) -> None:
@@ -308,6 +310,7 @@ def main(argv=None) -> int:
         )
 
     train_ds, val_ds = dataset(args.train_reports), dataset(args.val_reports)
+    fitted = model.fit_feature_norms(train_ds[i] for i in range(len(train_ds)))
     collate = Collator(model.tokenizer.pad_token_id, padding_side="right")
     train_sampler = LengthGroupedBatchSampler(train_ds.lengths, p["batch_size"], seed=p["seed"])
     val_sampler = LengthGroupedBatchSampler(val_ds.lengths, p["batch_size"], shuffle=False)
@@ -418,6 +421,7 @@ def main(argv=None) -> int:
             "step": global_step,
             "stage": args.stage,
             "trainable_params": n_train,
+            "feature_norms_fitted": fitted,
             "total_params": n_all,
             "train_volumes": len(train_ds),
             "val_volumes": len(val_ds),

@@ -481,6 +481,36 @@ def test_save_and_load_give_identical_logits(tiny, tmp_path):
         MedRegionCT.from_pretrained(tmp_path / "nowhere")
 
 
+def test_feature_norm_standardises_with_training_statistics_and_is_saved(tiny, tmp_path):
+    """feature_norm: the connector's and mask extractor's inputs are z-scored with the training set's
+    statistics (present masks only), which travel with the weights; a stage-2 model that loaded stage
+    1's connector keeps its statistics and fits only the mask extractor's."""
+    model = make_model(tiny, stage=2, feature_norm=True)
+    ds = make_dataset(tiny, model)
+    items = [ds[i] for i in range(len(ds))]
+    items[0]["mask_pooled"][6] = 0.0  # an absent mask (the cache writes zeros): not a sample of the statistics
+    assert model.fit_feature_norms(items) == ["connector", "mask_extractor"]
+    assert model.fit_feature_norms(items) == []  # fitted once
+    vision = torch.cat([it["vision"] for it in items])
+    z = model.connector.norm(vision)
+    torch.testing.assert_close(z.mean(0), torch.zeros(C), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(C), atol=1e-3, rtol=0)
+    pooled = torch.cat([it["mask_pooled"] for it in items])
+    present = pooled[pooled.flatten(1).abs().amax(1) > 0]
+    assert len(present) == len(pooled) - 1
+    torch.testing.assert_close(model.mask_extractor.norm(present).mean(0), torch.zeros_like(present[0]),
+                               atol=1e-4, rtol=0)
+    out = tmp_path / "norm"
+    model.eval().save_pretrained(out)
+    loaded = MedRegionCT.from_pretrained(out)
+    torch.testing.assert_close(loaded.connector.norm.std, model.connector.norm.std, atol=0, rtol=0)
+    assert loaded.mask_extractor.norm.is_fitted
+    fresh = make_model(tiny, stage=2, feature_norm=True)
+    fresh.load_own_weights(out / "connector_mask.safetensors", strict=False, prefixes=("connector.",))
+    assert fresh.fit_feature_norms(items) == ["mask_extractor"]
+    assert make_model(tiny, stage=2).connector.norm is None  # off by default: the paper's plain linear
+
+
 def test_generate_batched_equals_single(tiny):
     model = make_model(tiny, stage=2).eval()
     ds = make_dataset(tiny, model, reports="val.parquet", with_targets=False)
