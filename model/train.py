@@ -19,6 +19,7 @@ reruns the rule). The run's result is <out>/medregion_config.json (written last 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -185,6 +186,9 @@ def check_init(init: Path, config) -> None:
     if not f.exists():
         raise SystemExit(f"--init {init}: no {CONFIG_NAME} (not a finished stage-1 run)")
     saved = json.loads(f.read_text(encoding="utf-8"))
+    # a key a folder's (older) config lacks had the field's default when it was trained
+    defaults = {x.name: x.default for x in dataclasses.fields(config) if x.default is not dataclasses.MISSING}
+    saved = {**defaults, **saved}
     diff = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in INIT_MUST_MATCH if saved.get(k) != getattr(config, k)]
     a, b = saved.get("extra", {}).get("features", {}), config.extra.get("features", {})
     diff += [f"features.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
