@@ -107,10 +107,16 @@ def score(results: Path, experiment: str = "full") -> dict:
     return result
 
 
+def model_inputs(results: Path, pooling: str = "r2") -> tuple[list[str], list[str]]:
+    """(feature shards of `pooling`, attribute tables) of a results folder, as the train rule lists them."""
+    feats = sorted(str(p) for p in (results / "features").glob(f"*-{pooling}/shard-*.zarr"))
+    return feats, sorted(str(p) for p in (results / "attributes").glob("shard-*.parquet"))
+
+
 def probe(results: Path) -> dict:
     from pipeline.feature_store import FeatureStore
 
-    store = FeatureStore(sorted((results / "features").glob("*-r2/shard-*.zarr")))
+    store = FeatureStore(model_inputs(results)[0])
     reps = pd.concat(pd.read_parquet(results / "reports" / f"{s}.parquet") for s in ("train", "validation", "test"))
     reps = reps[reps["volume_id"].isin(set(store.volume_ids))]
     y_all = label_reports(reps["findings"].tolist())
@@ -154,8 +160,6 @@ def reliance(results: Path, experiment: str = "full") -> dict:
     with a planted finding, on its own report, with its own features and with those of a normal
     training volume (vision, mask-pooled and mask-grid arrays swapped; prompt text kept). A model that
     reads the features finds its own report much less likely with someone else's features."""
-    import glob
-
     import torch
 
     from model.data import Collator, build_dataset
@@ -164,8 +168,7 @@ def reliance(results: Path, experiment: str = "full") -> dict:
     model = MedRegionCT.from_pretrained(results / "experiments" / experiment / "stage2", device="cpu")
     model.eval()
     cfg = model.config
-    feats = sorted(glob.glob(str(results / "features" / f"*-{'lita' if cfg.pooling == 'lita' else 'r2'}" / "shard-*.zarr")))
-    attrs = sorted(glob.glob(str(results / "attributes" / "shard-*.parquet")))
+    feats, attrs = model_inputs(results, "lita" if cfg.pooling == "lita" else "r2")
     ds = build_dataset(feats, attrs, results / "reports" / "train.parquet", model.tokenizer, stage=2,
                        use_mask_tokens=cfg.prompt_uses_masks, use_attributes=cfg.prompt_uses_attributes,
                        n_vision=cfg.n_vision, max_length=cfg.max_length)
@@ -198,11 +201,12 @@ def reliance(results: Path, experiment: str = "full") -> dict:
 def train_fit(results: Path, experiment: str = "full") -> dict:
     """CA-F1 of the trained model on its own training volumes (reports generated here, as the generate
     rule does for the test split): low means the model underfits, not that it fails to generalise."""
-    feats = sorted(str(p) for p in (results / "features").glob("*-r2/shard-*.zarr"))
-    attrs = sorted(str(p) for p in (results / "attributes").glob("shard-*.parquet"))
+    model_dir = results / "experiments" / experiment / "stage2"
+    pooling = json.loads((model_dir / "medregion_config.json").read_text(encoding="utf-8"))["pooling"]
+    feats, attrs = model_inputs(results, "lita" if pooling == "lita" else "r2")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "train_predictions.parquet"
-        cmd = [sys.executable, "-m", "model.generate", "--model", str(results / "experiments" / experiment / "stage2"),
+        cmd = [sys.executable, "-m", "model.generate", "--model", str(model_dir),
                "--features", *feats, "--attributes", *attrs, "--reports", str(results / "reports" / "train.parquet"),
                "--out", str(out), "--max-new-tokens", "200", "--batch-size", "8"]
         proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace")

@@ -99,6 +99,21 @@ class MedRegionCTConfig:
         return cls(**d)
 
 
+class Moments:
+    """Count, sum and sum of squares per feature dim in float64, one chunk of samples at a time (a
+    25,000-volume training set is never held in memory at once)."""
+
+    def __init__(self) -> None:
+        self.n, self.total, self.squares = 0, 0.0, 0.0
+
+    def add(self, x: torch.Tensor) -> None:
+        """x: (n, *shape) samples."""
+        x = x.detach().double()
+        self.n += x.shape[0]
+        self.total = self.total + x.sum(dim=0)
+        self.squares = self.squares + x.square().sum(dim=0)
+
+
 class FeatureNorm(nn.Module):
     """x -> (x - mean) / std per feature dim, with the training set's statistics (buffers, saved with
     the weights; identity until `fit`).
@@ -122,11 +137,14 @@ class FeatureNorm(nn.Module):
         return bool(self.fitted.item())
 
     @torch.no_grad()
-    def fit(self, x: torch.Tensor) -> None:
-        """x: (N, *shape) samples."""
-        x = x.double()
-        self.mean.copy_(x.mean(dim=0))
-        self.std.copy_(x.std(dim=0, unbiased=False).clamp_min(self.STD_FLOOR))
+    def fit(self, moments: Moments) -> None:
+        """Set mean and std from the accumulated samples (no samples: stays as it is)."""
+        if moments.n == 0:
+            return
+        mean = moments.total / moments.n
+        var = (moments.squares / moments.n - mean.square()).clamp_min(0.0)
+        self.mean.copy_(mean)
+        self.std.copy_(var.sqrt().clamp_min(self.STD_FLOOR))
         self.fitted.fill_(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,8 +152,8 @@ class FeatureNorm(nn.Module):
 
 
 class Connector(nn.Module):
-    """Encoder width C -> LM width H, applied token-wise (linear as the paper, or a 2-layer MLP),
-    after a fixed per-dim standardisation (`FeatureNorm`)."""
+    """Encoder width C -> LM width H, applied token-wise (linear as the paper, or a 2-layer MLP);
+    with `feature_norm`, after a fixed per-dim standardisation (`FeatureNorm`)."""
 
     def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", feature_norm: bool = False):
         super().__init__()
@@ -152,7 +170,7 @@ class Connector(nn.Module):
 class MaskExtractor(nn.Module):
     """Osprey-style mask extractor on cached, parameter-free mask pooling.
 
-    mask_pooled (B, M, L, C) -> standardised per (level, dim) (`FeatureNorm`) -> per-level
+    mask_pooled (B, M, L, C) -> [with `feature_norm`: standardised per (level, dim)] -> per-level
     Linear(C -> hidden), summed over levels, Linear(hidden -> H).
     mask_grid (B, M, d, h, w) -> flatten -> Linear -> ReLU -> Linear -> ReLU -> Linear (-> H).
     """
@@ -298,23 +316,21 @@ class MedRegionCT(nn.Module):
         """Fit the connector's and mask extractor's `FeatureNorm`s that are not fitted yet (stage 2
         keeps stage 1's connector statistics) on the training samples (items of `model.data`);
         returns the names fitted. Deterministic, so a resumed run fits the same values."""
-        todo = [(name, m) for name, m in (("connector", getattr(self.connector, "norm", None)),
-                                          ("mask_extractor", getattr(self.mask_extractor, "norm", None)))
-                if m is not None and not m.is_fitted]
+        norms = {"connector": getattr(self.connector, "norm", None),
+                 "mask_extractor": getattr(self.mask_extractor, "norm", None)}
+        todo = {name: m for name, m in norms.items() if m is not None and not m.is_fitted}
         if not todo:
             return []
-        vision, pooled = [], []
-        for item in samples:
-            vision.append(item["vision"].reshape(-1, item["vision"].shape[-1]))
-            if "mask_pooled" in item:
+        moments = {name: Moments() for name in todo}
+        for item in samples:  # one pass, nothing kept but the sums
+            if "connector" in moments:
+                moments["connector"].add(item["vision"].reshape(-1, item["vision"].shape[-1]))
+            if "mask_extractor" in moments and "mask_pooled" in item:
                 mp = item["mask_pooled"]
-                pooled.append(mp[mp.flatten(1).abs().amax(dim=1) > 0])  # an absent mask's rows are all zero
-        for name, norm in todo:
-            if name == "connector":
-                norm.fit(torch.cat(vision))
-            elif pooled:
-                norm.fit(torch.cat(pooled))
-        return [name for name, _ in todo]
+                moments["mask_extractor"].add(mp[mp.flatten(1).abs().amax(dim=1) > 0])  # absent masks are all zero
+        for name, norm in todo.items():
+            norm.fit(moments[name])
+        return list(todo)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the trainable tensors (what a training checkpoint needs; the base LM is never copied)."""

@@ -479,6 +479,28 @@ def test_run_shard_streams_volumes_and_records_provenance(shard, encoder_dir: Pa
     assert not temporary_path(out).exists()
 
 
+def test_run_shard_with_channel_windows(shard, tmp_path: Path) -> None:
+    """Windows reach the encoder one per channel (the channel-means dims of the mask-pooled features
+    are then each window's mean over the mask), are recorded in the cache, and a window count that
+    differs from the encoder's input channels is refused before anything is written."""
+    enc = tmp_path / "enc"
+    features.build_demo_encoder(enc, hidden_size=16, layers=2, heads=2, channels=3, channel_means=True)
+    windows = ((-1000.0, -500.0), (-150.0, 250.0), (400.0, 1200.0))
+    out = tmp_path / "w" / "shard-0.zarr"
+    features.run_shard(shard["manifest"], 0, shard["masks"], str(enc), None, _stage_cfg(channel_windows=windows), out)
+    store = FeatureStore([out])
+    assert store.attrs["channel_windows"] == [list(w) for w in windows]
+    pooled = store["v0"]["mask_pooled"][:, 0, :3].astype(np.float32)  # block 1, dims 0..2: window means
+    present = store["v0"]["mask_present"]
+    assert (pooled[present] >= 0).all() and (pooled[present] <= 1.001).all()
+    assert len({tuple(np.round(r, 2)) for r in pooled[present].T}) == 3  # three windows, three different means
+    bad = tmp_path / "bad" / "shard-0.zarr"
+    with pytest.raises(FeatureConfigError, match="2 windows.*3 input channels"):
+        features.run_shard(shard["manifest"], 0, shard["masks"], str(enc), None,
+                           _stage_cfg(channel_windows=windows[:2]), bad)
+    assert not bad.exists() and not temporary_path(bad).exists()
+
+
 def test_raw_token_cache_repools_without_reencoding(shard, encoder_dir: Path, tmp_path: Path) -> None:
     raw = tmp_path / "raw" / "shard-0.zarr"
     direct = {}

@@ -211,8 +211,8 @@ def demo_encoder_config(hidden_size: int = 64, layers: int = 4, heads: int = 4, 
                            "num_attention_heads": heads, "num_channels": channels})
 
 
-def set_channel_means(model: Any, gain: float = 1.0) -> None:
-    """Make token dims 0..C-1 the patch means of the C input channels (times `gain`), unchanged by
+def set_channel_means(model: Any) -> None:
+    """Make token dims 0..C-1 the patch means of the C input channels, unchanged by
     every block: no position embedding there, and layer scale 0 on those dims, so attention and MLP
     never write to them (they still read them). With channels that are narrow HU windows (a ramp
     from 0 to 1 across the window), dim c is the fraction of the patch above channel c's window:
@@ -227,7 +227,7 @@ def set_channel_means(model: Any, gain: float = 1.0) -> None:
         w = emb.patch_embeddings.projection.weight  # (hidden, C, p, p)
         w[:c] = 0.0
         for k in range(c):
-            w[k, k] = gain / (w.shape[2] * w.shape[3])
+            w[k, k] = 1.0 / (w.shape[2] * w.shape[3])
         emb.patch_embeddings.projection.bias[:c] = 0.0
         emb.position_embeddings[..., :c] = 0.0
         emb.cls_token[..., :c] = 0.0

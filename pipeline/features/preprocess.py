@@ -42,7 +42,7 @@ class PreparedVolume:
 
 
 def preprocess_ct(ct: np.ndarray, cfg: FeatureConfig) -> torch.Tensor:
-    """(z, y, x) HU -> (D, H, W) float32 in [0, 1]; (D, 3, H, W) with `channel_windows`.
+    """(z, y, x) HU -> (D, H, W) float32 in [0, 1]; (D, K, H, W) with K `channel_windows`.
 
     Resampled in HU first, windowed after: a window is a clip, and clipping before a trilinear
     resize would blur a narrow window's edges differently per channel."""
