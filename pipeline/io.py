@@ -14,6 +14,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +442,81 @@ class Inflater:
         if done != size:
             raise InputError(f"volume {volume_id}: {path} is truncated ({done} of {size} bytes)")
         return self.buf[:size]
+
+
+def _load_sparse_gunzip():
+    """The compiled sparse inflater (pipeline/_sparse_gunzip.c), or None when it was not built."""
+    try:
+        from pipeline import _sparse_gunzip
+
+        return _sparse_gunzip
+    except ImportError:
+        return None
+
+
+_SPARSE = _load_sparse_gunzip()
+_SPARSE_PROBLEMS = {1: "truncated", 2: "corrupt", 3: "longer than its NIfTI header says",
+                    4: "corrupt (its gzip CRC or length does not match)", 5: "not a gzip file"}
+
+
+@dataclass(frozen=True)
+class MaskExtent:
+    """What the sparse inflater saw of a uint8 mask: OR of all voxel values (<= 1 for a 0/1 mask) and
+    the bounding box of the non-zero voxels (z0, z1, y0, y1, x0, x1), None when the mask is empty."""
+
+    value_or: int
+    box: tuple[int, int, int, int, int, int] | None
+
+
+class SparseInflater:
+    """Inflates .nii.gz masks into an all-zero buffer, writing only their non-zero bytes (see
+    pipeline/_sparse_gunzip.c): the zero runs that make up most of a mask are never written or read.
+
+    Use one per thread. `inflate` returns a view valid until the next call, which first zeroes the
+    rows the previous file wrote. `available()` is False when the C extension was not built.
+    """
+
+    def __init__(self) -> None:
+        self.buf = np.zeros(0, np.uint8)
+        self.dirty = np.zeros(0, np.uint8)
+        self._layout: tuple[int, int, int] | None = None  # (vox_offset, nx, ny) of the last file
+        self._head_end = 0
+
+    @staticmethod
+    def available() -> bool:
+        return _SPARSE is not None
+
+    def _clear(self) -> None:
+        if self._layout is not None:
+            vox, nx, ny = self._layout
+            size = vox + self.dirty.size * nx
+            _SPARSE.clear(self.buf[:size], vox, nx, ny, self.dirty, self._head_end)
+            self._layout = None
+
+    def inflate(self, data: bytes, size: int, vox_offset: int, shape: tuple[int, int, int], path: Path,
+                volume_id: str) -> tuple[np.ndarray, MaskExtent]:
+        """Inflate a whole .gz file of a uint8 NIfTI image of `shape` (z, y, x) whose voxels start at
+        `vox_offset` -> (uint8 view of exactly `size` bytes, its MaskExtent). Errors as Inflater.inflate."""
+        nz, ny, nx = shape
+        if size != vox_offset + nz * ny * nx:
+            raise ValueError(f"{size} bytes is not a {vox_offset}-byte header and {nz}x{ny}x{nx} voxels")
+        if size > MAX_DEFLATE_RATIO * len(data) + 4096:
+            raise InputError(f"volume {volume_id}: {path} is truncated or its header is corrupt (its NIfTI header "
+                             f"implies {size} bytes, more than its {len(data)} gzip bytes can hold)")
+        self._clear()
+        if self.buf.size < size:
+            self.buf = np.zeros(max(size, 1 << 20), np.uint8)
+        if self.dirty.size != nz * ny:
+            self.dirty = np.zeros(nz * ny, np.uint8)
+        out = self.buf[:size]
+        status, produced, head_end, value_or, box = _SPARSE.gunzip(data, out, vox_offset, nx, ny, self.dirty)
+        self._layout, self._head_end = (vox_offset, nx, ny), head_end
+        if status != 0:
+            raise InputError(f"volume {volume_id}: {path} is {_SPARSE_PROBLEMS.get(status, 'unreadable')} (its gzip "
+                             f"stream does not inflate to the {size} bytes its NIfTI header implies)")
+        if produced != size:
+            raise InputError(f"volume {volume_id}: {path} is truncated ({produced} of {size} bytes)")
+        return out, MaskExtent(value_or, tuple(box) if box[1] > box[0] else None)
 
 
 _INFLATERS = __import__("threading").local()

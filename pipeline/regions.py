@@ -9,10 +9,14 @@ How a volume is merged
   names it does not know are reported (QC column `unknown`), never silently dropped.
 - Files with the same bytes (apart from the gzip time stamp) hold the same voxels: each such group
   (e.g. all the empty masks of a volume) is decoded once, with the union of its channel words.
-- Masks on the CT's own grid (NIfTI header geometry identical to the CT's) take the fast path: the
-  gzip stream is inflated by libdeflate into a reused per-thread buffer (`pipeline.io.Inflater`);
-  one pass over it checks that it holds only 0/1 and finds its slices, the slab of those gives the
-  (y, x) footprint, and only the mask's rows are OR-ed into uint8 accumulator planes, one per byte
+- Masks on the CT's own grid (NIfTI header geometry identical to the CT's) take the fast path. A
+  uint8 .nii.gz is inflated by the sparse inflater (`pipeline.io.SparseInflater`, C source
+  pipeline/_sparse_gunzip.c) into a reused all-zero per-thread buffer: it writes only the non-zero
+  bytes (a mask's zero runs, most of its 12 MB at RadGenome size, are skipped, CRC still checked)
+  and returns the OR of the voxel values (0/1 check) and the bounding box, so the mask is never
+  read again to check it or find it. Other dtypes (or without the C extension) are inflated by
+  libdeflate and one pass over the voxels does the check and finds the slices, and their slab the
+  (y, x) footprint. Then only the mask's rows are OR-ed into uint8 accumulator planes, one per byte
   of the channel word (a lookup of the word's bytes, not a loop over labels or channels per voxel),
   each under its own lock.
   Threads decode different files at once (the decoder and numpy release the GIL). The planes are
@@ -59,6 +63,8 @@ from pipeline.constants import ATTRIBUTE_STRUCTURES, CHANNELS, LESIONS, REGIONS
 from pipeline.io import (
     Inflater,
     InputError,
+    MaskExtent,
+    SparseInflater,
     atomic_output,
     check_memory,
     image_array,
@@ -244,6 +250,7 @@ class _Workspace:
         self.shape = shape
         self._planes: np.ndarray | None = None
         self.inflater = Inflater()
+        self.sparse = SparseInflater()
         self.start()
 
     @property
@@ -369,12 +376,13 @@ class _Merger:
     def add_file(self, path: Path, word: int, data: bytes | None = None) -> bool:
         """Merge one binary mask (`data`: its bytes, when already read); True when it had to be
         resampled onto the CT grid."""
-        flat, resampled = self._mask_voxels(path, data)
-        self._or_into(self._validated(flat, path), word, path)
+        flat, resampled, extent = self._mask_voxels(path, data)
+        self._or_into(self._validated(flat, path), word, path, extent)
         return resampled
 
-    def _mask_voxels(self, path: Path, data: bytes | None = None) -> tuple[np.ndarray, bool]:
-        """Voxels of a mask on the CT grid, flat in (z, y, x) order, and whether it was resampled."""
+    def _mask_voxels(self, path: Path, data: bytes | None = None) -> tuple[np.ndarray, bool, MaskExtent | None]:
+        """Voxels of a mask on the CT grid, flat in (z, y, x) order, whether it was resampled, and
+        its extent when the sparse inflater read it (a uint8 .nii.gz on the CT grid)."""
         vid, grid = self.volume_id, self.grid
         hdr = None
         name = path.name
@@ -394,14 +402,17 @@ class _Merger:
             hdr = parse_nifti_header(head)
             if (hdr is not None and hdr.dtype is not None and not hdr.scaled and hdr.dims == grid.size
                     and hdr.geometry_key == grid.nifti_key):
+                if gz and hdr.dtype == np.uint8 and SparseInflater.available():
+                    raw, extent = self._acc().sparse.inflate(data, hdr.nbytes, hdr.vox_offset, grid.shape, path, vid)
+                    return raw[hdr.vox_offset : hdr.nbytes], False, extent
                 if gz:
                     raw = self._acc().inflater.inflate(data, hdr.nbytes, path, vid)
                 else:
                     if len(data) < hdr.nbytes:
                         raise InputError(f"volume {vid}: {path} is truncated ({len(data)} of {hdr.nbytes} bytes)")
                     raw = np.frombuffer(data, np.uint8, hdr.nbytes)
-                return raw[hdr.vox_offset : hdr.nbytes].view(hdr.dtype), False
-        return self._mask_voxels_itk(path)
+                return raw[hdr.vox_offset : hdr.nbytes].view(hdr.dtype), False, None
+        return (*self._mask_voxels_itk(path), None)
 
     def _mask_voxels_itk(self, path: Path) -> tuple[np.ndarray, bool]:
         vid, grid = self.volume_id, self.grid
@@ -443,23 +454,31 @@ class _Merger:
                              f"(range {lo}..{hi}): expected a binary mask")
         return flat.astype(np.uint8)
 
-    def _or_into(self, flat: np.ndarray, word: int, path: Path | None = None) -> bool:
-        """OR a 0/1 mask into the planes of `word`'s bytes; False when the mask is all zero."""
+    def _or_into(self, flat: np.ndarray, word: int, path: Path | None = None, extent: MaskExtent | None = None) -> bool:
+        """OR a 0/1 mask into the planes of `word`'s bytes; False when the mask is all zero. `extent`
+        (from the sparse inflater) gives the values and the box without reading the mask."""
         nz, ny, nx = self.grid.shape
-        per_slice = flat.reshape(nz, ny * nx).max(axis=1)  # one pass: validation and z-range
-        top = int(per_slice.max())
-        if top == 0:
-            return False
-        if top > 1:
-            raise InputError(f"volume {self.volume_id}: mask {path or '(unnamed)'} has values other than 0 and 1 "
-                             f"(found {top}): expected a binary mask")
-        zs = per_slice.nonzero()[0]
-        z0, z1 = int(zs[0]), int(zs[-1]) + 1
-        slab = flat[z0 * ny * nx : z1 * ny * nx].reshape(z1 - z0, ny, nx)
-        footprint = slab.max(axis=0) if z1 - z0 > 1 else slab[0]  # (y, x), element-wise over slices
-        ys = footprint.max(axis=1).nonzero()[0]
-        xs = footprint.max(axis=0).nonzero()[0]
-        y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+        if extent is not None:
+            if extent.value_or > 1:
+                self._not_binary(int(flat.max()), path)
+            if extent.box is None:
+                return False
+            z0, z1, y0, y1, x0, x1 = extent.box
+            slab = flat[z0 * ny * nx : z1 * ny * nx].reshape(z1 - z0, ny, nx)
+        else:
+            per_slice = flat.reshape(nz, ny * nx).max(axis=1)  # one pass: validation and z-range
+            top = int(per_slice.max())
+            if top == 0:
+                return False
+            if top > 1:
+                self._not_binary(top, path)
+            zs = per_slice.nonzero()[0]
+            z0, z1 = int(zs[0]), int(zs[-1]) + 1
+            slab = flat[z0 * ny * nx : z1 * ny * nx].reshape(z1 - z0, ny, nx)
+            footprint = slab.max(axis=0) if z1 - z0 > 1 else slab[0]  # (y, x), element-wise over slices
+            ys = footprint.max(axis=1).nonzero()[0]
+            xs = footprint.max(axis=0).nonzero()[0]
+            y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
         # whole rows y0..y1 of each slice: contiguous runs, cheaper to OR than the x-cut box (outside
         # x0..x1 they hold zeros, which OR nothing)
         rows = slab[:, y0:y1]
@@ -481,11 +500,15 @@ class _Merger:
                 ws.touched[k] = True
         return True
 
+    def _not_binary(self, top: int, path: Path | None) -> None:
+        raise InputError(f"volume {self.volume_id}: mask {path or '(unnamed)'} has values other than 0 and 1 "
+                         f"(found {top}): expected a binary mask")
+
     # -- a label map --
     def add_labelmap(self, path: Path, lut: np.ndarray) -> tuple[bool, list[int]]:
         """Merge a label map through `lut` (class id -> channel word); returns (resampled, unknown ids)."""
         self._labelmap = True
-        flat, resampled = self._mask_voxels(path)
+        flat, resampled, _ = self._mask_voxels(path)
         if flat.dtype.kind == "f":
             if not np.isfinite(flat).all() or (flat != np.round(flat)).any():
                 raise InputError(f"volume {self.volume_id}: label map {path} has non-integer values")

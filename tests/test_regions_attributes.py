@@ -442,6 +442,8 @@ def test_zlib_fallback_without_libdeflate(tmp_path: Path, monkeypatch: pytest.Mo
     import pipeline.io as io
 
     ct, mask_dir = _case(tmp_path)
+    monkeypatch.setattr(io, "_SPARSE", None)  # the libdeflate path, not the sparse inflater
+    monkeypatch.setattr(regions, "_POOL", {})
     with_libdeflate = regions.merge_volume("v1", ct, mask_dir, TABLE)
     monkeypatch.setattr(io, "_LIBDEFLATE", None)
     monkeypatch.setattr(regions, "_POOL", {})  # fresh workspaces: their inflaters use zlib
