@@ -158,3 +158,35 @@ def test_regions_merge_is_the_same_with_sparse_libdeflate_and_zlib(tmp_path: Pat
         assert (runs[decoder].labels == runs["sparse"].labels).all()
         assert runs[decoder].boxes == runs["sparse"].boxes
     assert runs["sparse"].labels.any()
+
+
+def test_fuzzed_inputs_end_in_a_status_code() -> None:
+    from sparse_gunzip_fuzz import fuzz
+
+    statuses = fuzz(sg, seed=11, n=600)
+    assert set(statuses) == {0, 1, 2, 3, 4, 5}  # every outcome reached, none a crash
+
+
+def test_fuzzed_inputs_under_address_sanitizer(tmp_path: Path) -> None:
+    """The same fuzzing on a build with AddressSanitizer and UBSan: any read or write outside the
+    buffers, or undefined behaviour, aborts the subprocess."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc")
+    asan = subprocess.run([gcc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not Path(asan).is_file():
+        pytest.skip("no libasan")
+    so = tmp_path / "_sparse_gunzip_asan.so"
+    subprocess.run([gcc, "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                    "-fno-omit-frame-pointer", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
+                    str(REPO / "pipeline" / "_sparse_gunzip.c"), "-o", str(so)], check=True)
+    env = {**__import__("os").environ, "LD_PRELOAD": asan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1"}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "sparse_gunzip_fuzz.py"), str(so), "5", "1500"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(0," in proc.stdout and "(2," in proc.stdout
