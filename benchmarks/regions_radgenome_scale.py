@@ -10,7 +10,8 @@ machine hits all of them alike), the median over the repeats of:
           beats every standard decoder
   plain   SimpleITK read of each structure file in turn, OR-ing `a > 0` into each channel it maps to
   ours    the regions stage (`pipeline.regions.run_shard`: merge, Zarr write, QC table) followed by
-          the attributes stage (`pipeline.attributes.run_shard`) on --threads threads
+          the attributes stage (`pipeline.attributes.run_shard`) on --threads threads (and, for
+          comparison, on 1 thread: "ours 1t")
 and the peak resident memory (VmHWM) of `ours` alone, run in a fresh subprocess (interpreter and
 imports included). Checks that `ours` and `plain` produce the same channels.
 
@@ -108,7 +109,7 @@ def ours(case: Path, work: Path, threads: int) -> Path:
                              "mask_dir": [str(case / "masks" / f"seg_{VOLUME_ID}")]})
     masks = work / "masks.zarr"
     regions.run_shard(manifest, 0, TABLE, masks, work / "qc.parquet", threads=threads)
-    attributes.run_shard(masks, work / "attributes.parquet")
+    attributes.run_shard(masks, work / "attributes.parquet", threads=threads)
     return masks
 
 
@@ -157,6 +158,7 @@ def main() -> None:
             f"floor sparse {T}t": lambda: floor_sparse(files, T)} if io.SparseInflater.available() else {}),
         "plain": lambda: plain(ct, files),
         "ours": lambda: ours(case, Path(tempfile.mkdtemp(dir=tmp)), T),
+        **({"ours 1t": lambda: ours(case, Path(tempfile.mkdtemp(dir=tmp)), 1)} if T > 1 else {}),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():  # warm the page cache and imports once
@@ -186,7 +188,8 @@ def main() -> None:
         print(f"  {k:32s} {v:7.3f}  [{min(times[k]):.3f}]")
     print(f"\nfloor (fastest standard decoder: {floor_name}): {floor:.3f} s")
     print(f"plain (SimpleITK read + OR per file):  {med['plain']:.3f} s")
-    print(f"ours  (regions + attributes stages):   {med['ours']:.3f} s")
+    print(f"ours  (regions + attributes stages):   {med['ours']:.3f} s"
+          + (f"  (on 1 thread {med['ours 1t']:.3f} s)" if "ours 1t" in med else ""))
     print(f"peak memory of ours (fresh process):   {peak:.0f} MiB")
     print(f"ours / floor       = {med['ours'] / floor:.2f}  (target <= 1.3)")
     print(f"ours / SimpleITK floor = {med['ours'] / sitk_floor:.2f}")

@@ -297,7 +297,7 @@ def attributes_table(rows: list[dict[str, object]], min_lesion_mm3: float, table
 
 
 def run_shard(masks_zarr: Path, out: Path, min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3,
-              qc_out: Path | None = None, on_error: str = "fail") -> pd.DataFrame:
+              qc_out: Path | None = None, on_error: str = "fail", threads: int = 1) -> pd.DataFrame:
     log = setup_logging()
     group = open_masks(masks_zarr)
     rows: list[dict[str, object]] = []
@@ -311,7 +311,7 @@ def run_shard(masks_zarr: Path, out: Path, min_lesion_mm3: float = DEFAULT_MIN_L
             spacing = arr.attrs.get("spacing")
             if spacing is None or len(spacing) != 3 or arr.ndim != 3:
                 raise InputError(f"volume {vid}: {masks_zarr}/{vid} is not a 3D mask array with a spacing")
-            labels = read_labels(arr, Path(masks_zarr) / vid if local else None, buffer)
+            labels = read_labels(arr, Path(masks_zarr) / vid if local else None, buffer, threads)
             if labels.dtype == np.uint32 and labels.flags.c_contiguous:
                 buffer = labels
             attrs = volume_attributes(labels, spacing, min_lesion_mm3, arr.attrs.get("channels_available"),
@@ -342,8 +342,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--qc", type=Path, help="per-volume QC table")
     ap.add_argument("--min-lesion-mm3", type=float, default=DEFAULT_MIN_LESION_MM3)
     ap.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    ap.add_argument("--threads", type=int, default=1, help="threads decoding a volume's mask chunks")
     args = ap.parse_args(argv)
-    run_shard(args.masks, args.out, args.min_lesion_mm3, args.qc, args.on_error)
+    run_shard(args.masks, args.out, args.min_lesion_mm3, args.qc, args.on_error, max(1, args.threads))
 
 
 if __name__ == "__main__":

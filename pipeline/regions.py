@@ -1120,13 +1120,15 @@ def _zstd_content_size(data: bytes) -> int | None:
     return value + 256 if size == 2 else value
 
 
-def read_labels(arr: zarr.Array, folder: Path | None = None, out: np.ndarray | None = None) -> np.ndarray:
+def read_labels(arr: zarr.Array, folder: Path | None = None, out: np.ndarray | None = None,
+                threads: int = 1) -> np.ndarray:
     """One volume's packed array, as `arr[...]` reads it.
 
     With `folder` (the array's directory on local disk) and the layout `write_volume` writes (zstd,
     no filters, little-endian uint32, fill 0, z-chunks of whole slices, default chunk keys), the
     chunk files are decoded straight into `out` (reused when its shape fits; absent chunk = all
-    fill value), without zarr's per-chunk buffers and copies. Anything else is read by zarr.
+    fill value), on `threads` threads (zstd releases the GIL), without zarr's per-chunk buffers and
+    copies. Anything else is read by zarr.
     """
     from numcodecs import Zstd
 
@@ -1145,14 +1147,15 @@ def read_labels(arr: zarr.Array, folder: Path | None = None, out: np.ndarray | N
     if out is None or out.shape != shape or out.dtype != np.uint32 or not out.flags.c_contiguous:
         out = np.empty(shape, np.uint32)
     codec, depth = Zstd(), chunks[0]
-    for k in range(-(-shape[0] // depth)):
+
+    def one(k: int) -> None:
         part = out[k * depth : (k + 1) * depth]
         path = folder / "c" / str(k) / "0" / "0"
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             part[...] = 0
-            continue
+            return
         target = part if part.shape[0] == depth else _edge_buffer(chunks)  # edge chunk: decoded at full size
         try:
             if _zstd_content_size(data) == target.nbytes:  # zstd checks the frame decodes to exactly that
@@ -1167,6 +1170,13 @@ def read_labels(arr: zarr.Array, folder: Path | None = None, out: np.ndarray | N
         if target is not part:
             part[...] = target[: part.shape[0]]
             _edge_done(target)
+
+    n = -(-shape[0] // depth)
+    if threads > 1 and n > 1:
+        list(_executor(threads).map(one, range(n)))
+    else:
+        for k in range(n):
+            one(k)
     if np.dtype("<u4") != np.dtype(np.uint32):  # big-endian host: the stored bytes are little-endian
         out.byteswap(inplace=True)
     return out

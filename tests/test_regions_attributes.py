@@ -467,4 +467,7 @@ def test_direct_chunk_writer_reads_back_like_zarr(tmp_path: Path) -> None:
         regions.write_volume(group, "v", vm, path if root is not None else None)
         back = zarr.open_group(str(path), mode="r")["v"]
         assert (back[...] == labels).all() and back.attrs["spacing"] == [1.0, 1.0, 3.0]
+        for threads in (1, 2):  # the attributes stage's direct chunk reader, on one and two threads
+            stale = np.full(labels.shape, 99, np.uint32)  # a reused buffer: absent chunks must be zeroed
+            assert (regions.read_labels(back, path / "v", stale, threads) == labels).all()
     assert sorted(p.name for p in (tmp_path / "direct.zarr" / "v" / "c").iterdir()) == ["0", "2"]

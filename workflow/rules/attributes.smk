@@ -13,8 +13,9 @@ rule attributes:
         f"{RES}/logs/attributes/shard-{{shard}}.log",
     benchmark:
         f"{RES}/benchmarks/attributes/shard-{{shard}}.tsv"
+    threads: config["attributes"]["threads"]
     conda:
         "../../envs/pipeline.yaml"
     shell:
         "python -m pipeline.attributes --masks {input.masks} --out {output.table} --qc {output.qc}"
-        " --min-lesion-mm3 {params.min_lesion_mm3} --on-error {params.on_error} > {log} 2>&1"
+        " --min-lesion-mm3 {params.min_lesion_mm3} --on-error {params.on_error} --threads {threads} > {log} 2>&1"
