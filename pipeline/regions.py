@@ -402,8 +402,7 @@ class _Merger:
             hdr = parse_nifti_header(head)
             if (hdr is not None and hdr.dtype is not None and not hdr.scaled and hdr.dims == grid.size
                     and hdr.geometry_key == grid.nifti_key):
-                if (gz and hdr.dtype == np.uint8 and SparseInflater.available()
-                        and hdr.nbytes == hdr.vox_offset + int(np.prod(grid.shape))):
+                if gz and hdr.dtype == np.uint8 and SparseInflater.available():  # dims == grid: nbytes fits
                     raw, extent = self._acc().sparse.inflate(data, hdr.nbytes, hdr.vox_offset, grid.shape, path, vid)
                     return raw[hdr.vox_offset : hdr.nbytes], False, extent
                 if gz:

@@ -25,6 +25,21 @@ def write_image(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 3.0), origin=(
     return path
 
 
+def write_box_masks(folder: Path, shape: tuple[int, int, int], names: list[str], seed: int, start_max: int,
+                    length_max: tuple[int, int, int]) -> Path:
+    """A zero int16 CT `folder/v.nii.gz` and one random 0/1 box mask per name in `folder/seg`
+    (corner below `start_max` on each axis, side below `length_max`); returns the CT's path."""
+    rng = np.random.default_rng(seed)
+    ct = write_image(folder / "v.nii.gz", np.zeros(shape, np.int16))
+    for name in names:
+        m = np.zeros(shape, np.uint8)
+        z, y, x = rng.integers(0, start_max, 3)
+        m[z : z + rng.integers(1, length_max[0]), y : y + rng.integers(1, length_max[1]),
+          x : x + rng.integers(1, length_max[2])] = 1
+        write_image(folder / "seg" / f"{name}.nii.gz", m)
+    return ct
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import SimpleITK as sitk
 import zarr
-from conftest import REPO, write_image
+from conftest import REPO, write_box_masks, write_image
 
 from pipeline import attributes, regions, reports
 from pipeline.constants import ATTRIBUTE_STRUCTURES, CHANNELS, LESIONS, LOBES, REGIONS
@@ -115,16 +115,10 @@ def test_merge_volume_packs_channels_and_reports_unknown_names(tmp_path: Path) -
 
 
 def test_fast_path_equals_simpleitk_path_with_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = np.random.default_rng(1)
     shape = (9, 14, 16)
-    ct = write_image(tmp_path / "v.nii.gz", np.zeros(shape, np.int16))
     names = ["right lung upper lobe", "left lung lower lobe", "left heart ventricle", "liver", "lung effusion",
              "right kidney cyst", "rib 3", "trachea", "thoracic vertebrae 5 (t5)", "left kidney"]
-    for name in names:
-        m = np.zeros(shape, np.uint8)
-        z, y, x = rng.integers(0, 6, 3)
-        m[z:z + rng.integers(1, 4), y:y + rng.integers(1, 9), x:x + rng.integers(1, 11)] = 1
-        write_image(tmp_path / "seg" / f"{name}.nii.gz", m)
+    ct = write_box_masks(tmp_path, shape, names, seed=1, start_max=6, length_max=(4, 9, 11))
     fast = regions.merge_volume("v", ct, tmp_path / "seg", TABLE, threads=2)
     again = regions.merge_volume("v", ct, tmp_path / "seg", TABLE, threads=1)  # pooled buffers were cleared
     grid = regions.read_ct_grid(ct, "v")

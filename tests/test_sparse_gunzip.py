@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, write_image
+from conftest import REPO, write_box_masks, write_image
 
 from pipeline import _sparse_gunzip as sg  # a failed C build must fail these tests, not skip them
 from pipeline import regions
@@ -135,16 +135,10 @@ def test_regions_merge_is_the_same_with_sparse_libdeflate_and_zlib(tmp_path: Pat
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import pipeline.io as io
 
-    rng = np.random.default_rng(3)
     shape = (12, 30, 41)
-    ct = write_image(tmp_path / "v.nii.gz", np.zeros(shape, np.int16))
     names = ["right lung upper lobe", "left lung lower lobe", "left heart ventricle", "liver", "lung effusion",
              "lung nodule", "rib 3", "trachea", "left kidney", "spleen"]
-    for name in names:
-        m = np.zeros(shape, np.uint8)
-        z, y, x = rng.integers(0, 8, 3)
-        m[z : z + rng.integers(1, 5), y : y + rng.integers(1, 20), x : x + rng.integers(1, 30)] = 1
-        write_image(tmp_path / "seg" / f"{name}.nii.gz", m)
+    ct = write_box_masks(tmp_path, shape, names, seed=3, start_max=8, length_max=(5, 20, 30))
     write_image(tmp_path / "seg" / "spleen.nii.gz", np.zeros(shape, np.uint8))  # an empty mask
     runs = {}
     for decoder in ("sparse", "libdeflate", "zlib"):
