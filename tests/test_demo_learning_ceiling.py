@@ -1,0 +1,46 @@
+"""The learners behind `benchmarks/demo_learning.py --ceiling`: the figure that says whether the demo's
+inputs can reach the learning claim at all is only as right as these."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import demo_learning as dl  # noqa: E402
+
+
+def _one_informative_column(rng, n, sign, col=123, dims=400):
+    y = (rng.random(n) < 0.25).astype(np.int64)
+    y[:2] = 1  # at least two positives
+    a = rng.normal(size=(n, dims))
+    a[:, col] = sign * 3.0 * y + 0.3 * rng.normal(size=n)
+    return a, y
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_stump_finds_the_one_column_that_carries_the_label_in_either_direction(sign):
+    rng = np.random.default_rng(0)
+    a_tr, y_tr = _one_informative_column(rng, 60, sign)
+    a_te, y_te = _one_informative_column(rng, 40, sign)
+    assert dl._f1(dl._stump_predict(a_tr, y_tr, a_te), y_te) == 1.0
+    # ridge over 400 standardised dims blurs the same signal: why the stump is among the learners
+    assert dl._f1(dl._ridge_predict(a_tr, y_tr, a_te, 1000.0), y_te) < 1.0
+
+
+def test_stump_never_thresholds_between_equal_values():
+    # the positives sort first among the tied 1s: cutting inside the tie would put the threshold at
+    # 1.0 and call no volume with value 1 positive; the cut must fall between 1 and 0
+    a = np.array([[1.0], [1.0], [1.0], [1.0], [0.0], [0.0]])
+    y = np.array([1, 1, 1, 0, 0, 0])
+    assert dl._stump_predict(a, y, np.array([[1.0], [0.0], [0.7]])).tolist() == [True, False, True]
+
+
+def test_cross_validation_prefers_the_learner_that_generalises():
+    rng = np.random.default_rng(1)
+    a, y = _one_informative_column(rng, 80, 1.0)
+    folds = np.array_split(rng.permutation(len(y)), 4)
+    cv = {m: dl._cv_f1(a, y, m, folds) for m in dl.LEARNERS}
+    assert max(cv, key=cv.get) == "stump"
+    assert dl._f1(np.zeros(5, bool), np.array([0, 1, 0, 0, 1])) == 0.0
