@@ -177,7 +177,10 @@ def _cv_f1(a: np.ndarray, y: np.ndarray, learner: str, folds: list[np.ndarray]) 
 def _feature_store(results: Path):
     from pipeline.feature_store import FeatureStore
 
-    return FeatureStore(model_inputs(results)[0])
+    shards = model_inputs(results)[0]
+    if not shards:
+        sys.exit(f"{results}: no features/*-r2/shard-*.zarr (run the demo through its features stage first)")
+    return FeatureStore(shards)
 
 
 def _feature_groups(store, volume_ids: list[str]) -> dict[str, np.ndarray]:
@@ -192,7 +195,14 @@ def _feature_groups(store, volume_ids: list[str]) -> dict[str, np.ndarray]:
 
 def _attribute_numbers(results: Path, volume_ids: list[str]) -> np.ndarray:
     """The numbers of the attribute prompt: organ volumes, lesion counts, largest lesion diameter."""
-    attrs = pd.concat(pd.read_parquet(p) for p in model_inputs(results)[1]).set_index("volume_id").loc[volume_ids]
+    tables = model_inputs(results)[1]
+    if not tables:
+        sys.exit(f"{results}: no attributes/shard-*.parquet (run the demo through its attributes stage first)")
+    attrs = pd.concat(pd.read_parquet(p) for p in tables).set_index("volume_id")
+    missing = sorted(set(volume_ids) - set(attrs.index.astype(str)))
+    if missing:
+        sys.exit(f"{results}: {len(missing)} volumes have no attribute row, e.g. {missing[:3]}")
+    attrs = attrs.loc[volume_ids]
     cols = [c for c in attrs.columns if c.endswith(("_ml", "_count"))]
     largest = [attrs[c].map(lambda d: float(np.max(d)) if len(d) else 0.0)
                for c in attrs.columns if c.endswith("_diameters_mm")]
