@@ -25,8 +25,8 @@ SEED = 8
 VOLUME_RE = re.compile(r"^(?P<prefix>train|valid)_(?P<pid>\d+)_(?P<scan>[a-z])_(?P<recon>\d+)$")
 
 
-def _gen(out: Path, seed: int = SEED, workers: int = 1, n_cases: int = N_CASES) -> Path:
-    generate_demo_cohort(out, n_cases=n_cases, seed=seed, workers=workers, **GRID)
+def _gen(out: Path, seed: int = SEED, workers: int = 1, n_cases: int = N_CASES, **kw) -> Path:
+    generate_demo_cohort(out, n_cases=n_cases, seed=seed, workers=workers, **GRID, **kw)
     return out
 
 
@@ -284,6 +284,43 @@ def test_every_finding_class_appears_in_a_full_cohort_plan():
     assert min(counts.values()) >= 3, counts
 
 
+def test_plan_findings_plants_only_the_chosen_kinds_at_their_rate():
+    from pipeline.demo.findings import plan_findings
+
+    chosen = {"Cardiomegaly": 1.0, "Lung nodule": 1.0, "Pleural effusion": 3.0}
+    counts = dict.fromkeys(chosen, 0)
+    normal = 0
+    for p in range(400):
+        kinds = plan_findings(np.random.default_rng([0, p]), chosen, normal_fraction=0.1)
+        assert set(kinds) <= set(chosen) and len(kinds) == len(set(kinds)) <= 3
+        normal += not kinds
+        for k in kinds:
+            counts[k] += 1
+    assert 20 <= normal <= 65  # ~10% of 400
+    assert counts["Pleural effusion"] > counts["Cardiomegaly"] and counts["Pleural effusion"] > counts["Lung nodule"]
+    # the default (every kind) draws exactly as before: the seed-0 demo cohort is unchanged
+    a = [plan_findings(np.random.default_rng([1, p])) for p in range(50)]
+    b = [plan_findings(np.random.default_rng([1, p]), None, 0.3) for p in range(50)]
+    assert a == b
+
+
+def test_chosen_findings_are_the_only_labels(tmp_path):
+    out = _gen(tmp_path / "c", n_cases=8, findings=["Cardiomegaly", "Pleural effusion"], normal_fraction=0.0)
+    labels = pd.read_csv(out / "labels.csv").set_index("VolumeName")
+    planted_cols = labels.columns[labels.sum() > 0]
+    assert set(planted_cols) <= {"Cardiomegaly", "Pleural effusion"} and len(planted_cols) >= 1
+    assert (labels[["Cardiomegaly", "Pleural effusion"]].sum(axis=1) >= 1).all()  # no normal case
+
+
+def test_unknown_finding_kind_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match=r"\['Cardiomegally'\].*Lung nodule"):
+        demo.plan_cohort(10, 0, 64, 32, (1.6, 1.6, 4.0), findings=["Cardiomegally"])
+    with pytest.raises(ValueError, match="> 0"):
+        demo.plan_cohort(10, 0, 64, 32, (1.6, 1.6, 4.0), findings={"Cardiomegaly": 0.0})
+    with pytest.raises(ValueError, match="normal_fraction"):
+        demo.plan_cohort(10, 0, 64, 32, (1.6, 1.6, 4.0), normal_fraction=1.0)
+
+
 # ---- determinism and atomic output ----------------------------------------------------------------
 
 def _volumes(root: Path) -> dict[str, np.ndarray]:
@@ -339,3 +376,27 @@ def test_cli_writes_cohort(tmp_path, capsys):
                "--n-slices", "32", "--spacing", "1.6", "1.6", "4.0", "--workers", "1"])
     assert (tmp_path / "c" / "labels.csv").is_file()
     assert "3/3 volumes" in capsys.readouterr().out
+    demo.main(["--out", str(tmp_path / "d"), "--n-cases", "3", "--seed", "1", "--shape-xy", "64",
+               "--n-slices", "32", "--spacing", "1.6", "1.6", "4.0", "--workers", "1",
+               "--findings", "Lung nodule=2", "--normal-fraction", "0"])
+    labels = pd.read_csv(tmp_path / "d" / "labels.csv").set_index("VolumeName")
+    assert labels["Lung nodule"].all() and labels.drop(columns="Lung nodule").sum().sum() == 0
+
+
+@pytest.mark.parametrize(("findings", "expect"), [
+    ('["Lung nodule", "Cardiomegaly"]', "--findings 'Lung nodule' Cardiomegaly --normal-fraction 0.2"),
+    ('{"Lung nodule": 2.0}', "--findings 'Lung nodule=2.0' --normal-fraction 0.2"),
+])
+def test_config_findings_reach_the_generator(tmp_path, findings, expect):
+    """`dataset.demo.findings` / `normal_fraction` are schema-checked and passed, shell-quoted, to the
+    demo_cohort rule's command (dry run)."""
+    from conftest import E2E_CONFIG, snakemake
+
+    overlay = tmp_path / "demo.yaml"
+    overlay.write_text(f"dataset:\n  demo:\n    findings: {findings}\n    normal_fraction: 0.2\n", encoding="utf-8")
+    proc = snakemake(tmp_path, "-n", "-p", "--forceall", "results/demo/cohort", timeout=300,
+                     configfiles=(E2E_CONFIG, overlay))
+    assert expect in proc.stdout + proc.stderr
+    overlay.write_text("dataset:\n  demo:\n    findings: {Cardiomegaly: 0}\n", encoding="utf-8")
+    bad = snakemake(tmp_path, "-n", "results/demo/cohort", timeout=300, check=False, configfiles=(E2E_CONFIG, overlay))
+    assert bad.returncode != 0 and "findings" in bad.stdout + bad.stderr

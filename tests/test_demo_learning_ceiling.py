@@ -44,3 +44,16 @@ def test_cross_validation_prefers_the_learner_that_generalises():
     cv = {m: dl._cv_f1(a, y, m, folds) for m in dl.LEARNERS}
     assert max(cv, key=cv.get) == "stump"
     assert dl._f1(np.zeros(5, bool), np.array([0, 1, 0, 0, 1])) == 0.0
+
+
+def test_slot_mark_touches_only_the_marked_volumes_mask_and_dims():
+    rng = np.random.default_rng(0)
+    pooled = rng.normal(size=(4, 9, 3, 8)).astype(np.float16)
+    shift = np.full((3, 2), 5.0)
+    out = dl.mark_slot(pooled, [True, False, True, False], 3, shift)
+    assert out.dtype == pooled.dtype and out.shape == pooled.shape
+    diff = out.astype(np.float32) - pooled.astype(np.float32)
+    changed = np.argwhere(np.abs(diff) > 0.1)
+    assert set(map(tuple, changed[:, [0, 1]])) == {(0, 3), (2, 3)}
+    assert set(changed[:, 3]) == {0, 1} and set(changed[:, 2]) == {0, 1, 2}
+    assert np.allclose(diff[[0, 2], 3, :, :2], 5.0, atol=0.02)

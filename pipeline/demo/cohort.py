@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,8 @@ class CaseSpec:
     seed: int
     shape: tuple[int, int, int]           # (z, y, x)
     spacing: tuple[float, float, float]   # nominal (x, y, z) mm
+    findings: tuple[tuple[str, float], ...] | None = None  # (kind, weight) planted; None: all kinds
+    normal_fraction: float = fnd.NORMAL_FRACTION
 
     @property
     def rel_ct(self) -> Path:
@@ -142,11 +144,31 @@ class CaseSpec:
 
 # ---- cohort plan ----------------------------------------------------------------------------------
 
+def finding_weights(findings: Sequence[str] | Mapping[str, float] | None) -> tuple[tuple[str, float], ...] | None:
+    """Kinds to plant -> ((kind, weight), ...) in FINDING_WEIGHTS order; a bare list keeps the kinds' own
+    weights. None: every kind. An unknown kind or a weight <= 0 is refused with the list of known kinds."""
+    if findings is None:
+        return None
+    chosen = dict(findings) if isinstance(findings, Mapping) else {k: fnd.FINDING_WEIGHTS.get(k, 0.0) for k in findings}
+    unknown = sorted(k for k in chosen if k not in fnd.FINDING_WEIGHTS)
+    if unknown or not chosen:
+        raise ValueError(f"demo findings {unknown or '[]'}: choose from {list(fnd.FINDING_WEIGHTS)}")
+    bad = [k for k, w in chosen.items() if not float(w) > 0]
+    if bad:
+        raise ValueError(f"demo finding weights must be > 0: {bad}")
+    return tuple((k, float(chosen[k])) for k in fnd.FINDING_WEIGHTS if k in chosen)
+
+
 def plan_cohort(n_cases: int, seed: int, shape_xy: int, n_slices: int,
-                spacing: tuple[float, float, float]) -> list[CaseSpec]:
+                spacing: tuple[float, float, float],
+                findings: Sequence[str] | Mapping[str, float] | None = None,
+                normal_fraction: float = fnd.NORMAL_FRACTION) -> list[CaseSpec]:
     """Patients (some with two scans), their splits (~70/15/15 by patient) and CT-RATE style ids."""
     if n_cases < 3:
         raise ValueError("n_cases must be >= 3 (one patient per split)")
+    if not 0.0 <= normal_fraction < 1.0:
+        raise ValueError(f"normal_fraction must be in [0, 1), got {normal_fraction}")
+    planted = finding_weights(findings)
     rng = np.random.default_rng([seed, 7919])
     scans: list[int] = []
     while sum(scans) < n_cases:
@@ -170,7 +192,7 @@ def plan_cohort(n_cases: int, seed: int, shape_xy: int, n_slices: int,
         for k in range(scans[p]):
             scan = "ab"[k]
             specs.append(CaseSpec(f"{pid}_{scan}_1", pid, split, p, k, seed, (n_slices, shape_xy, shape_xy),
-                                  tuple(float(v) for v in spacing)))
+                                  tuple(float(v) for v in spacing), planted, float(normal_fraction)))
     return specs
 
 
@@ -210,7 +232,7 @@ def synthesize_case(spec: CaseSpec, exact_spacing: bool = False
     grid = Grid(spec.shape, (sxy, sxy, szz))
     s = 0.5 * spec.shape[2] * sx * 0.95                     # body scale from the nominal field of view
 
-    kinds = fnd.plan_findings(rng)
+    kinds = fnd.plan_findings(rng, None if spec.findings is None else dict(spec.findings), spec.normal_fraction)
     heart_scale = float(rng.uniform(1.25, 1.40)) if "Cardiomegaly" in kinds else 1.0
     peri_mm = int(rng.integers(3, 8)) if "Pericardial effusion" in kinds else 0
     ph = build_phantom(grid, s, params, rng, heart_scale=heart_scale, pericardial_mm=float(peri_mm),
@@ -348,12 +370,16 @@ def write_tables(metas: list[dict[str, Any]], root: Path) -> None:
 def generate_demo_cohort(out_dir: Path, n_cases: int = 80, seed: int = 0, shape_xy: int = 112,
                          n_slices: int = 48, spacing: tuple[float, float, float] = (0.9, 0.9, 2.75),
                          workers: int | None = None,
-                         verbose: bool = False) -> None:
-    """Generate the cohort into `out_dir` atomically (an existing `out_dir` is replaced)."""
+                         verbose: bool = False,
+                         findings: Sequence[str] | Mapping[str, float] | None = None,
+                         normal_fraction: float = fnd.NORMAL_FRACTION) -> None:
+    """Generate the cohort into `out_dir` atomically (an existing `out_dir` is replaced).
+
+    `findings`: the kinds to plant (a list, or kind -> weight); None plants every kind."""
     out_dir = Path(out_dir)
     if not 32 <= shape_xy <= 512 or not 16 <= n_slices <= 512:
         raise ValueError(f"unsupported grid {n_slices} x {shape_xy} x {shape_xy}")
-    specs = plan_cohort(n_cases, seed, shape_xy, n_slices, spacing)
+    specs = plan_cohort(n_cases, seed, shape_xy, n_slices, spacing, findings, normal_fraction)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     workers = max(1, min(workers or min(2, os.cpu_count() or 1), len(specs)))
@@ -402,6 +428,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--n-slices", type=int, default=48)
     ap.add_argument("--spacing", type=float, nargs=3, default=(0.9, 0.9, 2.75), metavar=("X", "Y", "Z"))
     ap.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cpus))")
+    ap.add_argument("--findings", nargs="+", default=None, metavar="KIND[=WEIGHT]",
+                    help=f"finding kinds to plant (default: all): {', '.join(fnd.FINDING_WEIGHTS)}")
+    ap.add_argument("--normal-fraction", type=float, default=fnd.NORMAL_FRACTION,
+                    help="share of cases with no finding")
     ap.add_argument("--radgenome-scale", action="store_true",
                     help="instead: one RadGenome-size volume (360 x 300 x 110 at 1 x 1 x 3 mm) with all 210 "
                          "structure files (pipeline.demo.radgenome_scale)")
@@ -412,5 +442,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_radgenome_scale_case(args.out, args.seed)
         print(f"[demo_cohort] wrote the RadGenome-scale case to {args.out}", flush=True)
         return
+    findings = None
+    if args.findings is not None:
+        findings = {}
+        for item in args.findings:
+            kind, _, weight = item.partition("=")
+            findings[kind] = float(weight) if weight else fnd.FINDING_WEIGHTS.get(kind, 0.0)
     generate_demo_cohort(args.out, args.n_cases, args.seed, args.shape_xy, args.n_slices, tuple(args.spacing),
-                         workers=args.workers, verbose=True)
+                         workers=args.workers, verbose=True, findings=findings,
+                         normal_fraction=args.normal_fraction)

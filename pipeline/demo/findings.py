@@ -10,6 +10,7 @@ voxel indices. A finding that cannot be placed is dropped, never recorded, so la
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -56,14 +57,17 @@ LYMPH_STATIONS: tuple[str, ...] = ("right paratracheal", "subcarinal", "prevascu
                                    "right hilar", "left hilar")
 
 
-def plan_findings(rng: np.random.Generator) -> list[str]:
-    """~30% normal; otherwise 1-3 distinct finding kinds, weighted."""
-    if rng.random() < NORMAL_FRACTION:
+def plan_findings(rng: np.random.Generator, weights: Mapping[str, float] | None = None,
+                  normal_fraction: float = NORMAL_FRACTION) -> list[str]:
+    """`normal_fraction` of cases normal; otherwise 1-3 distinct finding kinds (at most as many as there
+    are kinds), drawn by `weights` (default: all kinds, FINDING_WEIGHTS), returned in FINDING_WEIGHTS order."""
+    weights = FINDING_WEIGHTS if weights is None else weights
+    if rng.random() < normal_fraction:
         return []
     k = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
-    kinds = list(FINDING_WEIGHTS)
-    w = np.array([FINDING_WEIGHTS[c] for c in kinds])
-    picked = rng.choice(len(kinds), size=k, replace=False, p=w / w.sum())
+    kinds = [c for c in FINDING_WEIGHTS if c in weights]
+    w = np.array([weights[c] for c in kinds])
+    picked = rng.choice(len(kinds), size=min(k, len(kinds)), replace=False, p=w / w.sum())
     return [kinds[i] for i in sorted(picked)]
 
 

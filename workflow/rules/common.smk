@@ -58,6 +58,17 @@ def n_volumes():
     return sum(len(pd.read_csv(p, usecols=["VolumeName"])) for p in ds["reports_csv"])
 
 
+def demo_findings_args(demo):
+    """The demo generator's `--findings` / `--normal-fraction` options from `dataset.demo`, shell-quoted."""
+    args = []
+    if demo.get("findings") is not None:
+        items = demo["findings"].items() if isinstance(demo["findings"], dict) else [(k, None) for k in demo["findings"]]
+        args += ["--findings"] + [shlex.quote(k if w is None else f"{k}={w}") for k, w in items]
+    if demo.get("normal_fraction") is not None:
+        args += ["--normal-fraction", str(float(demo["normal_fraction"]))]
+    return " ".join(args)
+
+
 N_VOLUMES = n_volumes()
 SHARDS = list(range(max(1, -(-N_VOLUMES // config["shard_size"]))))
 

@@ -10,6 +10,7 @@ if config["dataset"]["adapter"] == "demo":
         params:
             n_cases=config["dataset"].get("demo", {}).get("n_cases", 80),
             seed=config["dataset"].get("demo", {}).get("seed", 0),
+            planted=demo_findings_args(config["dataset"].get("demo", {})),
         log:
             f"{RES}/logs/demo_cohort.log",
         benchmark:
@@ -19,7 +20,7 @@ if config["dataset"]["adapter"] == "demo":
             "../../envs/pipeline.yaml"
         shell:
             "python -m pipeline.demo_cohort --out {output} --n-cases {params.n_cases} --seed {params.seed}"
-            " --workers {threads} > {log} 2>&1"
+            " --workers {threads} {params.planted} > {log} 2>&1"
 
 
 if config["features"]["encoder"].get("build_demo", False):
