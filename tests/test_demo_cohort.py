@@ -400,3 +400,14 @@ def test_config_findings_reach_the_generator(tmp_path, findings, expect):
     overlay.write_text("dataset:\n  demo:\n    findings: {Cardiomegaly: 0}\n", encoding="utf-8")
     bad = snakemake(tmp_path, "-n", "results/demo/cohort", timeout=300, check=False, configfiles=(E2E_CONFIG, overlay))
     assert bad.returncode != 0 and "findings" in bad.stdout + bad.stderr
+
+
+def test_default_config_passes_no_planting_options(tmp_path):
+    """Unset, the options stay off the command line, so an existing demo run's demo_cohort job keeps
+    its command (Snakemake reruns a job whose params changed)."""
+    from conftest import E2E_CONFIG, snakemake
+
+    proc = snakemake(tmp_path, "-n", "-p", "--forceall", "results/demo/cohort", timeout=300, configfiles=(E2E_CONFIG,))
+    out = proc.stdout + proc.stderr
+    assert "python -m pipeline.demo_cohort" in out
+    assert "--findings" not in out and "--normal-fraction" not in out
