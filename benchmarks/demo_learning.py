@@ -325,23 +325,33 @@ def reliance(results: Path, experiment: str = "full") -> dict:
             "max_loss_increase_with_other_features": round(float(np.max(rel)), 4)}
 
 
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace")
+    if proc.returncode != 0:
+        sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
+
+
+def _generated_scores(model_dir: Path, feats: list[str], attrs: list[str], reports: Path) -> tuple[dict, pd.DataFrame]:
+    """Generate reports for the volumes of `reports` with `model.generate` (as the generate rule does)
+    and score them against their reference findings: (clinical_scores, predictions)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "predictions.parquet"
+        _run([sys.executable, "-m", "model.generate", "--model", str(model_dir), "--features", *feats,
+              "--attributes", *attrs, "--reports", str(reports), "--out", str(out),
+              "--max-new-tokens", "200", "--batch-size", "8"], f"generation for {reports.name}")
+        pred = pd.read_parquet(out)
+    ref = pd.read_parquet(reports).set_index("volume_id").loc[pred["volume_id"]]
+    scores = clinical_scores(label_reports(ref["findings"].tolist()), label_reports(pred["report"].fillna("").tolist()))
+    return scores, pred
+
+
 def train_fit(results: Path, experiment: str = "full") -> dict:
     """CA-F1 of the trained model on its own training volumes (reports generated here, as the generate
     rule does for the test split): low means the model underfits, not that it fails to generalise."""
     model_dir = results / "experiments" / experiment / "stage2"
     pooling = json.loads((model_dir / "medregion_config.json").read_text(encoding="utf-8"))["pooling"]
     feats, attrs = model_inputs(results, "lita" if pooling == "lita" else "r2")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "train_predictions.parquet"
-        cmd = [sys.executable, "-m", "model.generate", "--model", str(model_dir),
-               "--features", *feats, "--attributes", *attrs, "--reports", str(results / "reports" / "train.parquet"),
-               "--out", str(out), "--max-new-tokens", "200", "--batch-size", "8"]
-        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace")
-        if proc.returncode != 0:
-            sys.exit(f"generation on the training split failed:\n{proc.stderr[-3000:]}")
-        pred = pd.read_parquet(out)
-    train = pd.read_parquet(results / "reports" / "train.parquet").set_index("volume_id").loc[pred["volume_id"]]
-    scores = clinical_scores(label_reports(train["findings"].tolist()), label_reports(pred["report"].fillna("").tolist()))
+    scores, pred = _generated_scores(model_dir, feats, attrs, results / "reports" / "train.parquet")
     f1, used = macro_over(scores, PLANTED)
     return {"train_volumes": len(pred), "ca_f1_macro_planted": f1, "classes_scored": used,
             "distinct_generated_reports": int(pred["report"].nunique())}
@@ -351,12 +361,6 @@ def _start_params(model_dir: Path) -> dict:
     """The training parameters a finished run was started with (first record of its train_log.jsonl)."""
     with open(model_dir / "train_log.jsonl", encoding="utf-8") as f:
         return dict(json.loads(f.readline())["params"])
-
-
-def _run(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace")
-    if proc.returncode != 0:
-        sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
 
 
 def mark_slot(mask_pooled: np.ndarray, marked: list[bool], mask_index: int, shift: np.ndarray) -> np.ndarray:
@@ -375,9 +379,12 @@ def slot_control(results: Path, finding: str, mask: str, experiment: str = "full
     features (every level), a mark a linear probe reads; stage 1 and stage 2 are retrained
     with the experiment's parameters plus feature_norm (so the shift is `shift_sd` in the units the
     extractor sees), and the class's F1 on generated train and test reports is measured."""
+    from model.network import resolve_llm_path
     from pipeline.constants import TOKEN_MASKS
     from pipeline.feature_store import FEATURE_ARRAYS, FeatureStore, write_feature_shard
 
+    if finding not in PLANTED:
+        sys.exit(f"--slot-control: finding {finding!r} is not a class the demo can plant: {list(PLANTED)}")
     if mask not in TOKEN_MASKS:
         sys.exit(f"--slot-control: mask {mask!r} is not one of {list(TOKEN_MASKS)}")
     exp = results / "experiments" / experiment
@@ -387,24 +394,28 @@ def slot_control(results: Path, finding: str, mask: str, experiment: str = "full
     labels = pd.concat(pd.read_parquet(reports[s], columns=["volume_id", finding]) for s in reports)
     positive = set(labels.loc[labels[finding] == 1, "volume_id"])
     train_ids = set(pd.read_parquet(reports["train"], columns=["volume_id"])["volume_id"])
+    if not positive & train_ids:
+        sys.exit(f"--slot-control: no training volume in {results} has {finding}")
     m = TOKEN_MASKS.index(mask)
-    llm = json.loads((exp / "stage2" / "medregion_config.json").read_text(encoding="utf-8"))["llm_path"]
-    llm = str((exp / "stage2" / llm).resolve()) if not Path(llm).is_absolute() else llm
+    recorded = json.loads((exp / "stage2" / "medregion_config.json").read_text(encoding="utf-8"))["llm_path"]
+    llm = resolve_llm_path(recorded, exp / "stage2")
     t0 = time.perf_counter()
+    # each shard read once; the mark's scale is the SD over the training volumes of all shards
+    shards_in = []
+    for f in feats:
+        st = FeatureStore([f])
+        ids = list(st.volume_ids)
+        items = [st[v] for v in ids]
+        shards_in.append((Path(f), ids, {k: np.stack([it[k] for it in items]) for k in FEATURE_ARRAYS}, dict(st.attrs)))
+    train_pooled = np.concatenate([a["mask_pooled"][[v in train_ids for v in ids], m] for _, ids, a, _ in shards_in])
+    sd = train_pooled.astype(np.float64).std(axis=0)[:, :channels]  # (levels, channels)
     with tempfile.TemporaryDirectory(prefix="slot-control-") as tmp:
         tmp = Path(tmp)
-        stores = [(Path(f), FeatureStore([f])) for f in feats]
-        pooled = [np.stack([st[v]["mask_pooled"][m] for v in st.volume_ids if v in train_ids]).astype(np.float64)
-                  for _, st in stores]
-        sd = np.concatenate([p for p in pooled if len(p)]).std(axis=0)[:, :channels]  # (levels, channels)
         shards = []
-        for f, st in stores:
-            ids = list(st.volume_ids)
-            items = [st[v] for v in ids]
-            arrays = {k: np.stack([it[k] for it in items]) for k in FEATURE_ARRAYS}
+        for f, ids, arrays, shard_attrs in shards_in:
             arrays["mask_pooled"] = mark_slot(arrays["mask_pooled"], [v in positive for v in ids], m, shift_sd * sd)
             shards.append(str(tmp / f.name))
-            write_feature_shard(Path(shards[-1]), ids, arrays, dict(st.attrs))
+            write_feature_shard(Path(shards[-1]), ids, arrays, shard_attrs)
         common = ["--features", *shards, "--attributes", *attrs, "--train-reports", str(reports["train"]),
                   "--val-reports", str(reports["validation"]), "--llm", llm]
         _run([sys.executable, "-m", "model.train", "--stage", "1", "--params-json",
@@ -414,15 +425,8 @@ def slot_control(results: Path, finding: str, mask: str, experiment: str = "full
               "--out", str(tmp / "stage2")], "control stage 2")
         out = {}
         for split in ("train", "test"):
-            pred_path = tmp / f"{split}.parquet"
-            _run([sys.executable, "-m", "model.generate", "--model", str(tmp / "stage2"), "--features", *shards,
-                  "--attributes", *attrs, "--reports", str(reports[split]), "--out", str(pred_path),
-                  "--max-new-tokens", "200", "--batch-size", "8"], f"control generation ({split})")
-            pred = pd.read_parquet(pred_path)
-            ref = pd.read_parquet(reports[split]).set_index("volume_id").loc[pred["volume_id"]]
-            scores = clinical_scores(label_reports(ref["findings"].tolist()),
-                                     label_reports(pred["report"].fillna("").tolist()))["per_class"][finding]
-            out[split] = {k: scores[k] for k in ("f1", "support", "predicted", "tp")}
+            scores, _ = _generated_scores(tmp / "stage2", shards, attrs, reports[split])
+            out[split] = {k: scores["per_class"][finding][k] for k in ("f1", "support", "predicted", "tp")}
     return {"finding": finding, "mask": mask, "shift_training_sd": shift_sd, "channels_shifted": channels,
             "positives_train": len(positive & train_ids), "stage2_params": {**p2, "feature_norm": True},
             "f1_train": out["train"], "f1_test": out["test"], "wall_s": round(time.perf_counter() - t0, 1)}
@@ -435,9 +439,7 @@ def run_demo(workdir: Path, configfiles: list[str], cores: int) -> float:
     if configfiles:
         cmd += ["--configfile", *configfiles]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace")
-    if proc.returncode != 0:
-        sys.exit(f"demo workflow failed:\n{proc.stderr[-4000:]}")
+    _run(cmd, "demo workflow")
     return time.perf_counter() - t
 
 

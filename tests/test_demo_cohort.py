@@ -285,7 +285,7 @@ def test_every_finding_class_appears_in_a_full_cohort_plan():
 
 
 def test_plan_findings_plants_only_the_chosen_kinds_at_their_rate():
-    from pipeline.demo.findings import plan_findings
+    from pipeline.demo.findings import FINDING_WEIGHTS, plan_findings
 
     chosen = {"Cardiomegaly": 1.0, "Lung nodule": 1.0, "Pleural effusion": 3.0}
     counts = dict.fromkeys(chosen, 0)
@@ -298,9 +298,11 @@ def test_plan_findings_plants_only_the_chosen_kinds_at_their_rate():
             counts[k] += 1
     assert 20 <= normal <= 65  # ~10% of 400
     assert counts["Pleural effusion"] > counts["Cardiomegaly"] and counts["Pleural effusion"] > counts["Lung nodule"]
-    # the default (every kind) draws exactly as before: the seed-0 demo cohort is unchanged
+    # naming every kind bare (their own weights) draws exactly what the default does
+    every = dict(demo.finding_weights(list(FINDING_WEIGHTS)))
+    assert every == FINDING_WEIGHTS
     a = [plan_findings(np.random.default_rng([1, p])) for p in range(50)]
-    b = [plan_findings(np.random.default_rng([1, p]), None, 0.3) for p in range(50)]
+    b = [plan_findings(np.random.default_rng([1, p]), every) for p in range(50)]
     assert a == b
 
 
@@ -381,6 +383,9 @@ def test_cli_writes_cohort(tmp_path, capsys):
                "--findings", "Lung nodule=2", "--normal-fraction", "0"])
     labels = pd.read_csv(tmp_path / "d" / "labels.csv").set_index("VolumeName")
     assert labels["Lung nodule"].all() and labels.drop(columns="Lung nodule").sum().sum() == 0
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path / "e"), "--n-cases", "3", "--findings", "Lung nodule=lots"])
+    assert "must be a number" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize(("findings", "expect"), [

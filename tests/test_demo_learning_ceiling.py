@@ -57,3 +57,13 @@ def test_slot_mark_touches_only_the_marked_volumes_mask_and_dims():
     assert set(map(tuple, changed[:, [0, 1]])) == {(0, 3), (2, 3)}
     assert set(changed[:, 3]) == {0, 1} and set(changed[:, 2]) == {0, 1, 2}
     assert np.allclose(diff[[0, 2], 3, :, :2], 5.0, atol=0.02)
+
+
+@pytest.mark.parametrize(("finding", "mask", "message"), [
+    ("Cardiomegally", "heart", "not a class the demo can plant"),
+    ("Cardiomegaly", "hearts", "is not one of"),
+])
+def test_slot_control_refuses_an_unknown_finding_or_mask(tmp_path, finding, mask, message):
+    """Checked before anything is read or trained: the results folder here is empty."""
+    with pytest.raises(SystemExit, match=message):
+        dl.slot_control(tmp_path, finding, mask)

@@ -144,24 +144,27 @@ class CaseSpec:
 
 # ---- cohort plan ----------------------------------------------------------------------------------
 
-def finding_weights(findings: Sequence[str] | Mapping[str, float] | None) -> tuple[tuple[str, float], ...] | None:
-    """Kinds to plant -> ((kind, weight), ...) in FINDING_WEIGHTS order; a bare list keeps the kinds' own
-    weights. None: every kind. An unknown kind or a weight <= 0 is refused with the list of known kinds."""
+def finding_weights(findings: Sequence[str] | Mapping[str, float | None] | None
+                    ) -> tuple[tuple[str, float], ...] | None:
+    """Kinds to plant -> ((kind, weight), ...) in FINDING_WEIGHTS order; a bare list (or a weight of
+    None) keeps the kind's own weight. None: every kind. An unknown kind or a weight <= 0 is refused
+    with the list of known kinds."""
     if findings is None:
         return None
-    chosen = dict(findings) if isinstance(findings, Mapping) else {k: fnd.FINDING_WEIGHTS.get(k, 0.0) for k in findings}
+    chosen = dict(findings) if isinstance(findings, Mapping) else dict.fromkeys(findings)
     unknown = sorted(k for k in chosen if k not in fnd.FINDING_WEIGHTS)
     if unknown or not chosen:
         raise ValueError(f"demo findings {unknown or '[]'}: choose from {list(fnd.FINDING_WEIGHTS)}")
-    bad = [k for k, w in chosen.items() if not float(w) > 0]
+    weights = {k: fnd.FINDING_WEIGHTS[k] if w is None else float(w) for k, w in chosen.items()}
+    bad = [k for k, w in weights.items() if not w > 0]
     if bad:
         raise ValueError(f"demo finding weights must be > 0: {bad}")
-    return tuple((k, float(chosen[k])) for k in fnd.FINDING_WEIGHTS if k in chosen)
+    return tuple((k, weights[k]) for k in fnd.FINDING_WEIGHTS if k in weights)
 
 
 def plan_cohort(n_cases: int, seed: int, shape_xy: int, n_slices: int,
                 spacing: tuple[float, float, float],
-                findings: Sequence[str] | Mapping[str, float] | None = None,
+                findings: Sequence[str] | Mapping[str, float | None] | None = None,
                 normal_fraction: float = fnd.NORMAL_FRACTION) -> list[CaseSpec]:
     """Patients (some with two scans), their splits (~70/15/15 by patient) and CT-RATE style ids."""
     if n_cases < 3:
@@ -371,7 +374,7 @@ def generate_demo_cohort(out_dir: Path, n_cases: int = 80, seed: int = 0, shape_
                          n_slices: int = 48, spacing: tuple[float, float, float] = (0.9, 0.9, 2.75),
                          workers: int | None = None,
                          verbose: bool = False,
-                         findings: Sequence[str] | Mapping[str, float] | None = None,
+                         findings: Sequence[str] | Mapping[str, float | None] | None = None,
                          normal_fraction: float = fnd.NORMAL_FRACTION) -> None:
     """Generate the cohort into `out_dir` atomically (an existing `out_dir` is replaced).
 
@@ -447,7 +450,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         findings = {}
         for item in args.findings:
             kind, _, weight = item.partition("=")
-            findings[kind] = float(weight) if weight else fnd.FINDING_WEIGHTS.get(kind, 0.0)
+            try:
+                findings[kind] = float(weight) if weight else None  # None: the kind's own weight
+            except ValueError:
+                ap.error(f"--findings {item!r}: the weight after '=' must be a number")
     generate_demo_cohort(args.out, args.n_cases, args.seed, args.shape_xy, args.n_slices, tuple(args.spacing),
                          workers=args.workers, verbose=True, findings=findings,
                          normal_fraction=args.normal_fraction)
