@@ -1,0 +1,52 @@
+"""The overlay configs in benchmarks/configs/ stay valid as the schema and the trainer change: each one,
+merged over config/config.yaml the way Snakemake merges --configfile, passes the schema, and names only
+training parameters `model.train` knows (the schema leaves train.stage1 / stage2 free-form)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model.train import DEFAULTS
+
+REPO = Path(__file__).resolve().parents[1]
+OVERLAYS = sorted((REPO / "benchmarks" / "configs").glob("*.yaml"))
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _validated(overlay: dict) -> dict:
+    from snakemake.utils import validate
+
+    config = _merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8")), overlay)
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    return config
+
+
+def test_there_are_overlays():
+    assert len(OVERLAYS) >= 5
+
+
+@pytest.mark.parametrize("path", OVERLAYS, ids=[p.name for p in OVERLAYS])
+def test_benchmark_overlay_is_a_valid_config(path: Path):
+    config = _validated(yaml.safe_load(path.read_text(encoding="utf-8")))
+    for stage in ("stage1", "stage2"):
+        unknown = set(config["train"].get(stage, {})) - set(DEFAULTS)
+        assert not unknown, f"{path.name}: train.{stage} names unknown parameters {sorted(unknown)}"
+
+
+def test_the_check_refuses_a_bad_overlay():
+    from snakemake.exceptions import WorkflowError
+
+    with pytest.raises(WorkflowError):
+        _validated({"llm": {"demo_layers": "four"}})
+    config = _validated({"train": {"stage2": {"epoch": 40}}})
+    assert set(config["train"]["stage2"]) - set(DEFAULTS) == {"epoch"}
