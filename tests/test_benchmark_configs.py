@@ -4,7 +4,6 @@ training parameters `model.train` knows (the schema leaves train.stage1 / stage2
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 OVERLAYS = sorted((REPO / "benchmarks" / "configs").glob("*.yaml"))
 
 
-def _merge(base: dict, overlay: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in overlay.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def _validated(overlay: dict) -> dict:
-    from snakemake.utils import validate
+    from snakemake.utils import update_config, validate
 
-    config = _merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8")), overlay)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
+    update_config(config, overlay)  # what snakemake does with each further --configfile
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     return config
 
