@@ -55,6 +55,7 @@ if config["llm"].get("build_demo", False):
             hidden=config["llm"].get("demo_hidden_size", 128),
             layers=config["llm"].get("demo_layers", 2),
             vocab=config["llm"].get("demo_vocab_size", 2000),
+            seed=config["llm"].get("demo_seed", 0),
         log:
             f"{RES}/logs/demo_llm.log",
         benchmark:
@@ -64,4 +65,4 @@ if config["llm"].get("build_demo", False):
             "../../envs/train.yaml"
         shell:
             "python -m model.demo_llm --reports {input.train} --out {output} --hidden-size {params.hidden}"
-            " --layers {params.layers} --vocab-size {params.vocab} > {log} 2>&1"
+            " --layers {params.layers} --vocab-size {params.vocab} --seed {params.seed} > {log} 2>&1"
