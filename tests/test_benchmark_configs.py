@@ -43,3 +43,21 @@ def test_the_check_refuses_a_bad_overlay():
         _validated({"llm": {"demo_layers": "four"}})
     config = _validated({"train": {"stage2": {"epoch": 40}}})
     assert set(config["train"]["stage2"]) - set(DEFAULTS) == {"epoch"}
+
+
+def test_the_seed_overlay_reaches_the_demo_llm_and_both_training_commands(tmp_path):
+    # llm.demo_seed and train.stage{1,2}.seed must change the commands the rules run, or a
+    # "re-seeded" benchmark run silently repeats seed 0
+    import subprocess
+    import sys
+
+    overlay = REPO / "benchmarks" / "configs" / "model_seed_2.yaml"
+    out = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "1", "all",
+         "-n", "-p", "--configfile", str(REPO / "config" / "config.yaml"), str(overlay)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    demo_llm = [line for line in out.splitlines() if "model.demo_llm" in line]
+    train = [line for line in out.splitlines() if "--stage " in line and "--params-json" in line]
+    assert demo_llm and all("--seed 2" in line for line in demo_llm)
+    assert len(train) >= 2 and all('"seed": 2' in line for line in train)
