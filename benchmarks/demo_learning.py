@@ -354,6 +354,8 @@ def train_fit(results: Path, experiment: str = "full") -> dict:
     scores, pred = _generated_scores(model_dir, feats, attrs, results / "reports" / "train.parquet")
     f1, used = macro_over(scores, PLANTED)
     return {"train_volumes": len(pred), "ca_f1_macro_planted": f1, "classes_scored": used,
+            "per_class": {c: {k: scores["per_class"][c][k] for k in ("f1", "support", "predicted", "tp")}
+                          for c in used},
             "distinct_generated_reports": int(pred["report"].nunique())}
 
 
