@@ -4,12 +4,14 @@ above a most-common-report baseline, and >= 90 % of the test pairs with differen
 different reports.
 
 The default demo (80 volumes) cannot reach this: simple learners on its own inputs reach 0.458
-(`benchmarks/demo_learning.py --ceiling`). The claim is for the 5-finding demo cohort at 200 volumes
-with the 4-layer demo LM, whose workflow run takes ~45 min on 2 cores: more than CI's budget. So the
-test is opt-in. It passes with the config's seeds (0.648); re-seeded runs fall short (0.531 and
-0.547 with benchmarks/configs/model_seed_{1,2}.yaml; README, "Does the demo model learn?").
+(`benchmarks/demo_learning.py --ceiling`). The claim is for the 5-finding demo cohort at 300 volumes
+(207 training volumes) with the 4-layer demo LM, whose workflow run takes ~45 min on 2 cores: more
+than CI's budget. So the test is opt-in. The claim does not hold for every model seed yet: at 200
+volumes 0.648 / 0.531 / 0.547 (seeds 0 / 1 / 2), at 300 volumes 0.563 / 0.691 / 0.595 (README, "Does
+the demo model learn?"). So today this test fails for seeds 0 and 2 and passes for seed 1, as it should.
 
     MEDREGION_RUN_LEARNING=1 python -m pytest -s tests/test_demo_learns.py      # runs the workflow
+    MEDREGION_RUN_LEARNING=1 MEDREGION_LEARNING_SEEDS="0 1 2" python -m pytest -s tests/test_demo_learns.py
     MEDREGION_LEARNING_RESULTS=DIR/results python -m pytest tests/test_demo_learns.py   # scores a run
 """
 
@@ -25,35 +27,46 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import demo_learning as dl  # noqa: E402
 
-OVERLAYS = ["config/config.yaml", "benchmarks/configs/demo_5_findings_200.yaml",
-            "benchmarks/configs/feature_norm.yaml", "benchmarks/configs/demo_llm_4x256.yaml"]
+OVERLAYS = ["config/config.yaml", "benchmarks/configs/feature_norm.yaml",
+            "benchmarks/configs/demo_llm_4x256.yaml", "benchmarks/configs/demo_5_findings_300.yaml"]
+COHORT_OVERLAY = OVERLAYS[-1]
+# model seed -> the overlay that sets the demo LM's, stage 1's and stage 2's seeds (0: the config's own)
+SEED_OVERLAYS = {0: [], 1: ["benchmarks/configs/model_seed_1.yaml"], 2: ["benchmarks/configs/model_seed_2.yaml"]}
+RESULTS = os.environ.get("MEDREGION_LEARNING_RESULTS")
+RUN = os.environ.get("MEDREGION_RUN_LEARNING")
+SEEDS = {int(s) for s in os.environ.get("MEDREGION_LEARNING_SEEDS", "0").replace(",", " ").split()}
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (os.environ.get("MEDREGION_RUN_LEARNING") or os.environ.get("MEDREGION_LEARNING_RESULTS")),
-        reason="~45 min on 2 cores: set MEDREGION_RUN_LEARNING=1 (or MEDREGION_LEARNING_RESULTS=<run>/results)",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
-def test_the_full_model_writes_the_planted_findings_of_unseen_volumes(tmp_path):
-    given = os.environ.get("MEDREGION_LEARNING_RESULTS")
-    if given:
-        results = Path(given)
-    else:
-        dl.run_demo(tmp_path, [str(REPO / f) for f in OVERLAYS], cores=max(1, min(os.cpu_count() or 1, 8)))
-        results = tmp_path / "results"
+def assert_the_claim(results: Path) -> None:
     # the claim is about this configuration: a run whose overlays were not applied must not pass
     llm = json.loads((results / "demo" / "models" / "llm" / "config.json").read_text(encoding="utf-8"))
     assert (llm["hidden_size"], llm["num_hidden_layers"]) == (256, 4)
     res = dl.score(results, "full")
-    cohort = yaml.safe_load((REPO / OVERLAYS[1]).read_text(encoding="utf-8"))
+    cohort = yaml.safe_load((REPO / COHORT_OVERLAY).read_text(encoding="utf-8"))
     assert set(res["classes_scored"]) == set(cohort["dataset"]["demo"]["findings"])
-    assert res["test_volumes"] >= 30
+    assert res["test_volumes"] >= 0.15 * cohort["dataset"]["demo"]["n_cases"]
     print(json.dumps({k: res[k] for k in ("ca_f1_macro_planted", "baseline_ca_f1_macro_planted", "gain",
                                           "share_of_those_pairs_with_different_reports")}))
     assert res["ca_f1_macro_planted"] >= dl.MIN_F1
     assert res["gain"] >= dl.MIN_GAIN
     assert res["share_of_those_pairs_with_different_reports"] >= dl.MIN_DIFFER
     assert res["claim_met"]
+
+
+@pytest.mark.skipif(not RESULTS, reason="set MEDREGION_LEARNING_RESULTS=<run>/results to score a finished run")
+def test_a_finished_run_writes_the_planted_findings_of_unseen_volumes():
+    assert_the_claim(Path(RESULTS))
+
+
+@pytest.mark.parametrize("seed", sorted(SEED_OVERLAYS))
+def test_the_full_model_writes_the_planted_findings_of_unseen_volumes(tmp_path, seed):
+    if not RUN:
+        pytest.skip("~45 min per run on 2 cores: set MEDREGION_RUN_LEARNING=1 (MEDREGION_LEARNING_SEEDS picks "
+                    "the model seeds, default 0)")
+    if seed not in SEEDS:
+        pytest.skip(f"model seed {seed} not in MEDREGION_LEARNING_SEEDS")
+    files = [str(REPO / f) for f in OVERLAYS + SEED_OVERLAYS[seed]]
+    dl.run_demo(tmp_path, files, cores=max(1, min(os.cpu_count() or 1, 8)))
+    assert_the_claim(tmp_path / "results")
