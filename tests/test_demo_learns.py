@@ -46,6 +46,7 @@ def assert_the_claim(results: Path) -> None:
     res = dl.score(results, "full")
     cohort = yaml.safe_load((REPO / COHORT_OVERLAY).read_text(encoding="utf-8"))
     assert set(res["classes_scored"]) == set(cohort["dataset"]["demo"]["findings"])
+    # ~16 % of the cohort is test split: a smaller cohort than the overlay names fails here
     assert res["test_volumes"] >= 0.15 * cohort["dataset"]["demo"]["n_cases"]
     print(json.dumps({k: res[k] for k in ("ca_f1_macro_planted", "baseline_ca_f1_macro_planted", "gain",
                                           "share_of_those_pairs_with_different_reports")}))
