@@ -4,6 +4,8 @@ training parameters `model.train` knows (the schema leaves train.stage1 / stage2
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,9 +50,6 @@ def test_the_check_refuses_a_bad_overlay():
 def test_the_seed_overlay_reaches_the_demo_llm_and_both_training_commands(tmp_path):
     # llm.demo_seed and train.stage{1,2}.seed must change the commands the rules run, or a
     # "re-seeded" benchmark run silently repeats seed 0
-    import subprocess
-    import sys
-
     overlay = REPO / "benchmarks" / "configs" / "model_seed_2.yaml"
     out = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "1", "all",

@@ -31,10 +31,23 @@ OVERLAYS = ["config/config.yaml", "benchmarks/configs/feature_norm.yaml",
             "benchmarks/configs/demo_llm_4x256.yaml", "benchmarks/configs/demo_5_findings_300.yaml"]
 COHORT_OVERLAY = OVERLAYS[-1]
 # model seed -> the overlay that sets the demo LM's, stage 1's and stage 2's seeds (0: the config's own)
-SEED_OVERLAYS = {0: [], 1: ["benchmarks/configs/model_seed_1.yaml"], 2: ["benchmarks/configs/model_seed_2.yaml"]}
+SEED_OVERLAYS = {0: [], **{int(p.stem.rsplit("_", 1)[1]): [str(p.relative_to(REPO))]
+                           for p in (REPO / "benchmarks" / "configs").glob("model_seed_*.yaml")}}
 RESULTS = os.environ.get("MEDREGION_LEARNING_RESULTS")
 RUN = os.environ.get("MEDREGION_RUN_LEARNING")
-SEEDS = {int(s) for s in os.environ.get("MEDREGION_LEARNING_SEEDS", "0").replace(",", " ").split()}
+
+
+def requested_seeds(text: str) -> set[int]:
+    """MEDREGION_LEARNING_SEEDS ("0 1 2" or "0,2"): a seed without an overlay is an error, not a silent skip."""
+    words = text.replace(",", " ").split()
+    bad = [w for w in words if not w.isdigit() or int(w) not in SEED_OVERLAYS]
+    if bad:
+        raise pytest.UsageError(f"MEDREGION_LEARNING_SEEDS={text!r}: {bad} not among the model seeds with an "
+                                f"overlay {sorted(SEED_OVERLAYS)}")
+    return {int(w) for w in words}
+
+
+SEEDS = requested_seeds(os.environ.get("MEDREGION_LEARNING_SEEDS", "0"))
 
 pytestmark = pytest.mark.slow
 
