@@ -23,6 +23,39 @@ import torch
 from pipeline.constants import REGIONS
 
 
+def generate_texts(
+    model,
+    ds,
+    indices: list[int] | None = None,
+    batch_size: int = 4,
+    max_new_tokens: int = 256,
+    progress: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    **decoding,
+) -> dict[str, str]:
+    """Generated text per volume id for the items `indices` (default: all) of a prompt-only dataset
+    (`build_dataset(..., with_targets=False)`). Prompts of similar length are batched together (left
+    padding); `decoding` goes to `MedRegionCT.generate` (num_beams, do_sample, temperature, top_p).
+    `autocast_dtype` (e.g. bf16 on a GPU) runs the decoding under autocast."""
+    from tqdm.auto import tqdm
+
+    from model.data import Collator
+
+    indices = list(range(len(ds))) if indices is None else list(indices)
+    collate = Collator(model.tokenizer.pad_token_id, padding_side="left")
+    order = sorted(indices, key=lambda i: -ds.lengths[i])
+    device = next(model.connector.parameters()).device
+    raw: dict[str, str] = {}
+    steps = range(0, len(order), batch_size)
+    for s in tqdm(steps, desc="generate", disable=not progress or len(order) <= batch_size):
+        batch = collate([ds[i] for i in order[s : s + batch_size]])
+        with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            texts = model.generate(batch, max_new_tokens=max_new_tokens, **decoding)
+        raw.update(zip(batch["volume_ids"], texts))
+    return raw
+
+
 def predict(
     model_dir: str | Path,
     features: list[str],
@@ -38,9 +71,8 @@ def predict(
     seed: int = 0,
 ):
     import pandas as pd
-    from tqdm.auto import tqdm
 
-    from model.data import Collator, build_dataset
+    from model.data import build_dataset
     from model.network import MedRegionCT
     from model.prompt import merge_regions, parse_structured
 
@@ -60,26 +92,11 @@ def predict(
         max_length=cfg.max_length,
         with_targets=False,
     )
-    collate = Collator(model.tokenizer.pad_token_id, padding_side="left")
-    # similar prompt lengths together; results are put back in report order
-    order = sorted(range(len(ds)), key=lambda i: -ds.lengths[i])
     torch.manual_seed(seed)
-    raw: dict[str, str] = {}
-    for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=len(order) <= batch_size):
-        items = [ds[i] for i in order[s : s + batch_size]]
-        batch = collate(items)
-        with torch.autocast(
-            device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=dtype is not None
-        ):
-            texts = model.generate(
-                batch,
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-            )
-        raw.update(zip(batch["volume_ids"], texts))
+    raw = generate_texts(
+        model, ds, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
+        do_sample=do_sample, temperature=temperature, top_p=top_p, progress=True, autocast_dtype=dtype,
+    )
     rows = []
     for vid in ds.volume_ids:
         text = raw[vid]

@@ -14,6 +14,8 @@ in <out>/checkpoints; a checkpoint written under a different experiment (stage, 
 LM, stage-1 folder, training volumes, process count) is refused (`--on-mismatch fail`, the default) or
 set aside and training starts over (`--on-mismatch restart`, what the rule uses: a changed config
 reruns the rule). The run's result is <out>/medregion_config.json (written last by save_pretrained).
+With `select_by: val_ca_f1` it holds the weights of the epoch whose generated validation reports scored
+the best clinical F1 (model/selection.py), not the last ones.
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ DEFAULTS = {
     "log_every": 10,
     "num_workers": 0,
     "stop_after_steps": None,  # stop (as if interrupted) after N optimizer steps; schedule unchanged
+    # which weights the run ends with: the last, or those of the epoch whose generated validation
+    # reports score the best clinical F1 (model/selection.py), scored every `select_every` epochs
+    "select_by": "last",
+    "select_every": 1,
+    "select_max_new_tokens": 256,
+    "select_batch_size": 8,
 }
 STAGE_DEFAULTS = {1: {"lr": 1e-4, "batch_size": 4}, 2: {"lr": 2e-5, "batch_size": 1}}
 
@@ -142,6 +150,12 @@ def resolve_params(stage: int, params_json: str) -> dict:
     for k, v in STAGE_DEFAULTS[stage].items():
         if params[k] is None:
             params[k] = v
+    from model.selection import SELECT_BY
+
+    if params["select_by"] not in SELECT_BY:
+        raise SystemExit(f"select_by must be one of {SELECT_BY}, got {params['select_by']!r}")
+    if not isinstance(params["select_every"], int) or params["select_every"] < 1:
+        raise SystemExit(f"select_every must be a whole number of epochs >= 1, got {params['select_every']!r}")
     return params
 
 
@@ -231,6 +245,8 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
     recs = read_log(log_path)
     train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    f1 = [(r["step"], r["val_ca_f1"]) for r in recs if r.get("val_ca_f1") is not None]
+    chosen = [r["step"] for r in recs if r.get("event") == "selected" and r.get("val_ca_f1") is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
@@ -239,7 +255,17 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (target tokens)")
     ax.set_title(png_path.parent.name)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if f1:
+        ax2 = ax.twinx()
+        handles += ax2.plot(*zip(*f1), "s-", color="tab:green", label="validation clinical F1")
+        labels.append("validation clinical F1")
+        for step in chosen:
+            handles.append(ax2.axvline(step, color="tab:green", ls=":", label="selected weights"))
+            labels.append("selected weights")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("macro F1 (generated validation reports)")
+    ax.legend(handles, labels)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = png_path.with_name(png_path.name + ".tmp.png")
@@ -260,7 +286,9 @@ def main(argv=None) -> int:
     from transformers import get_cosine_schedule_with_warmup
 
     from model.data import Collator, LengthGroupedBatchSampler, build_dataset
+    from model.generate import generate_texts
     from model.network import WEIGHTS_NAME, MedRegionCT
+    from model.selection import BestWeights, macro_ca_f1, reference_texts, report_text
     from pipeline.feature_store import FeatureStore
 
     # without a GPU, say cpu=True: otherwise `torchrun --nproc_per_node N` on CPU gives N unrelated
@@ -299,7 +327,7 @@ def main(argv=None) -> int:
     n_all = sum(x.numel() for x in model.parameters())
 
     # ---- data --------------------------------------------------------------------------------
-    def dataset(reports):
+    def dataset(reports, with_targets=True):
         return build_dataset(
             args.features,
             args.attributes,
@@ -310,10 +338,16 @@ def main(argv=None) -> int:
             use_attributes=config.prompt_uses_attributes,
             n_vision=config.n_vision,
             max_length=p["max_length"],
+            with_targets=with_targets,
             store=store,
         )
 
     train_ds, val_ds = dataset(args.train_reports), dataset(args.val_reports)
+    selecting = p["select_by"] == "val_ca_f1"
+    if selecting:  # the validation prompts without their targets, and the findings they are scored on
+        val_prompts = dataset(args.val_reports, with_targets=False)
+        val_references = reference_texts(args.val_reports, val_prompts.volume_ids)
+    best = BestWeights(out / "selection") if is_main else None  # only the main process keeps it
     fitted = model.fit_feature_norms(train_ds[i] for i in range(len(train_ds)))
     collate = Collator(model.tokenizer.pad_token_id, padding_side="right")
     train_sampler = LengthGroupedBatchSampler(train_ds.lengths, p["batch_size"], seed=p["seed"])
@@ -401,6 +435,8 @@ def main(argv=None) -> int:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
             accelerator.wait_for_everyone()
             ckpt = None
+    if ckpt is None and is_main:  # a fresh start forgets what an earlier run selected
+        best.clear()
     if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
         kw = {"load_module_strict": False} if is_deepspeed else {"strict": False}
@@ -467,6 +503,24 @@ def main(argv=None) -> int:
         model.train()
         return (total / count.clamp(min=1)).item()
 
+    @torch.no_grad()
+    def val_ca_f1() -> tuple[float | None, dict]:
+        """Generate the validation reports (split over the processes) and score them (model/selection.py)."""
+        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        net = accelerator.unwrap_model(model)
+        net.eval()
+        with torch.random.fork_rng(devices=devices):
+            mine = range(accelerator.process_index, len(val_prompts), accelerator.num_processes)
+            raw = generate_texts(
+                net, val_prompts, mine, batch_size=p["select_batch_size"],
+                max_new_tokens=p["select_max_new_tokens"],
+                autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
+            )
+        net.train()
+        texts = {vid: t for part in gather_object([raw]) for vid, t in part.items()}
+        reports = [report_text(texts[vid], args.stage) for vid in val_prompts.volume_ids]
+        return macro_ca_f1(val_references, reports)
+
     # ---- training loop -----------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=global_step, disable=not is_main, desc=f"stage {args.stage}")
     t0, stopped = time.time(), False
@@ -481,11 +535,19 @@ def main(argv=None) -> int:
     def validate(epoch_done: int) -> None:
         nonlocal side_s
         t = time.time()
-        val_loss = evaluate()
+        record = {"step": global_step, "epoch": epoch_done, "val_loss": evaluate()}
+        msg = f"epoch {epoch_done}: validation loss {record['val_loss']:.4f}"
+        if selecting and (epoch_done % p["select_every"] == 0 or epoch_done == p["epochs"]):
+            score, per_class = val_ca_f1()
+            kept = is_main and best.offer(
+                score, accelerator.unwrap_model(model).trainable_state_dict(), step=global_step, epoch=epoch_done
+            )
+            record.update(val_ca_f1=score, val_ca_f1_per_class=per_class, selected=kept)
+            msg += f", clinical F1 {'n/a' if score is None else f'{score:.3f}'}{' (best so far)' if kept else ''}"
         side_s += time.time() - t
-        log({"step": global_step, "epoch": epoch_done, "val_loss": val_loss})
+        log(record)  # after the selection: a run killed before this line scores the epoch again
         if is_main:
-            bar.write(f"epoch {epoch_done}: validation loss {val_loss:.4f}")
+            bar.write(msg)
 
     if resumed_after_epoch_end and not any(
         "val_loss" in r and r.get("epoch") == start_epoch for r in read_log(log_path)
@@ -559,8 +621,23 @@ def main(argv=None) -> int:
             "tokens_per_s": round(all_tokens / max(loop_s, 1e-9), 1),
         }
     )
+    if is_main and selecting:
+        net = accelerator.unwrap_model(model)
+        if best.record is None:
+            print("select_by val_ca_f1: no validation reference names a class, keeping the last weights",
+                  file=sys.stderr)
+            log({"event": "selected", "step": global_step, "val_ca_f1": None, "reason": "no scored epoch"})
+        else:
+            state = best.state()
+            wanted = set(net.trainable_state_dict())
+            if set(state) != wanted:
+                raise RuntimeError(f"{best.folder}: selected weights do not match the network's trainable tensors")
+            net.load_state_dict(state, strict=False)
+            r = best.record
+            log({"event": "selected", "step": r["step"], "epoch": r["epoch"], "val_ca_f1": r["score"]})
     if is_main:
         accelerator.unwrap_model(model).save_pretrained(out)
+        best.clear()  # its weights are now the folder's
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

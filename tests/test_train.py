@@ -154,9 +154,11 @@ def test_two_processes_match_one_process(tiny, stage1, tmp_path):  # noqa: F811
     """Global batch 4 per optimizer step both ways: 2 ranks x batch 2, or 1 process x batch 2 x accum 2.
 
     Tolerance: losses agree to 1e-5 (relative) and the final trainable weights to 1e-4 (absolute);
-    the only difference is the order of fp32 additions (gloo all-reduce vs accumulation).
+    the only difference is the order of fp32 additions (gloo all-reduce vs accumulation). Selection by
+    validation clinical F1 is on: the two ranks generate half the validation reports each and must
+    score what one process scores.
     """
-    params = {**EXACT, "epochs": 2}
+    params = {**EXACT, "epochs": 2, "select_by": "val_ca_f1", "select_max_new_tokens": 24}
     two = launch_train(tiny, tmp_path / "two", params, 2, stage1)
     one = launch_train(tiny, tmp_path / "one", {**params, "grad_accum": 2}, 1, stage1)
     start2, start1 = two[0], one[0]
@@ -171,6 +173,9 @@ def test_two_processes_match_one_process(tiny, stage1, tmp_path):  # noqa: F811
     v2 = [r["val_loss"] for r in two if "val_loss" in r]
     v1 = [r["val_loss"] for r in one if "val_loss" in r]
     np.testing.assert_allclose(v2, v1, rtol=1e-5)
+    f2 = [r["val_ca_f1"] for r in two if "val_ca_f1" in r and "event" not in r]
+    f1 = [r["val_ca_f1"] for r in one if "val_ca_f1" in r and "event" not in r]
+    assert len(f2) == 2 and f2 == f1 and None not in f1
     w2, w1 = trainable_weights(tmp_path / "two"), trainable_weights(tmp_path / "one")
     assert w2.keys() == w1.keys()
     for k in w1:
@@ -181,9 +186,12 @@ def test_two_processes_match_one_process(tiny, stage1, tmp_path):  # noqa: F811
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tiny, stage1, tmp_path):  # noqa: F811
-    """Killed (SIGKILL, no clean-up) after its first checkpoint, restarted with --resume: same final
-    weights (bit-identical, tolerance 0) and the same loss curve (exactly equal) as one uninterrupted run."""
-    params = {**EXACT, "lora_dropout": 0.1, "epochs": 8, "checkpoint_every": 3}  # dropout on: RNG state too
+    """Killed (SIGKILL, no clean-up) after its second checkpoint, restarted with --resume: same final
+    weights (bit-identical, tolerance 0) and the same loss curve (exactly equal) as one uninterrupted run.
+    Selection by validation clinical F1 is on and the kill comes after the first scored epoch (step 4),
+    so the resumed run must carry on with the best weights kept before the kill."""
+    params = {**EXACT, "lora_dropout": 0.1, "epochs": 8, "checkpoint_every": 3,  # dropout on: RNG state too
+              "select_by": "val_ca_f1", "select_max_new_tokens": 24}
     ref = tmp_path / "ref"
     run_cli("model.train", *train_args(tiny, 2, ref, params, "--init", stage1))
 
@@ -191,7 +199,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny, stage1, tmp_path):  # 
     cmd = [sys.executable, "-m", "model.train", *map(str, train_args(tiny, 2, out, params, "--init", stage1))]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    first = out / "checkpoints" / "step-3" / "trainer_state.json"
+    first = out / "checkpoints" / "step-6" / "trainer_state.json"
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -204,11 +212,15 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny, stage1, tmp_path):  # 
     run_cli("model.train", *train_args(tiny, 2, out, params, "--init", stage1, "--resume"))
     recs, ref_recs = log_records(out), log_records(ref)
     resumed = [r for r in recs if r.get("event") == "resume"]
-    assert len(resumed) == 1 and 3 <= resumed[0]["step"] <= killed_at
+    assert len(resumed) == 1 and 6 <= resumed[0]["step"] <= killed_at
     assert [(r["step"], r["loss"]) for r in recs if "loss" in r] == [
         (r["step"], r["loss"]) for r in ref_recs if "loss" in r
     ]
     assert [r["val_loss"] for r in recs if "val_loss" in r] == [r["val_loss"] for r in ref_recs if "val_loss" in r]
+    assert [r.get("val_ca_f1") for r in recs if "val_loss" in r] == [
+        r.get("val_ca_f1") for r in ref_recs if "val_loss" in r]
+    chosen = [r for r in recs if r.get("event") == "selected"]
+    assert chosen == [r for r in ref_recs if r.get("event") == "selected"] and chosen[0]["val_ca_f1"] is not None
     a, b = trainable_weights(ref), trainable_weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list((out / "checkpoints").glob("*.tmp"))
@@ -457,6 +469,54 @@ def test_generated_reports_follow_the_features(learnable, tmp_path):
     hits = sum(a == b for a, b in zip(lung, want))
     assert len(set(lung)) == 3, lung
     assert hits >= len(want) - 1, list(zip(lung, want))
+
+
+def test_selection_by_validation_clinical_f1_keeps_the_best_epoch(learnable, tmp_path):
+    """select_by val_ca_f1: the validation reports are generated and scored every 5 epochs, the run ends
+    with the weights of the best-scoring epoch (bit-equal to the checkpoint written at that step), and
+    those weights generate validation reports that score exactly the logged F1."""
+    from safetensors.torch import load_file
+
+    from model.generate import generate_texts
+    from model.selection import macro_ca_f1, reference_texts, report_text
+
+    root, out = learnable, tmp_path / "select"
+    steps_per_epoch = 48 // 8
+    params = {**EXACT, "epochs": 20, "batch_size": 8, "lr": 1e-2, "use_attributes": False, "log_every": 5,
+              "select_by": "val_ca_f1", "select_every": 5, "select_max_new_tokens": 60,
+              "checkpoint_every": 5 * steps_per_epoch, "keep_checkpoints": 10}
+    args = ["--stage", "2", "--params-json", json.dumps(params), "--features", root / "shard-0.zarr",
+            "--attributes", root / "attributes.parquet", "--train-reports", root / "train.parquet",
+            "--val-reports", root / "val.parquet", "--llm", root / "llm", "--out", out]
+    run_cli("model.train", *args)
+    recs = log_records(out)
+    scored = [r for r in recs if "val_ca_f1" in r and "event" not in r]
+    assert [r["epoch"] for r in scored] == [5, 10, 15, 20]
+    assert len([r for r in recs if "val_loss" in r]) == 20  # the loss is still validated every epoch
+    scores = [r["val_ca_f1"] for r in scored]
+    assert all(s is not None for s in scores) and max(scores) > 0
+    chosen = [r for r in recs if r.get("event") == "selected"]
+    assert len(chosen) == 1 and chosen[0]["val_ca_f1"] == max(scores)
+    first_best = scores.index(max(scores))
+    assert chosen[0]["epoch"] == scored[first_best]["epoch"]  # ties keep the earlier weights
+    assert [r["selected"] for r in scored] == [i == 0 or s > max(scores[:i]) for i, s in enumerate(scores)]
+    assert not (out / "selection").exists()  # its weights are now the folder's
+
+    model = MedRegionCT.from_pretrained(out)
+    own = model.state_dict()
+    ckpt = load_file(str(out / "checkpoints" / f"step-{chosen[0]['step']}" / "model.safetensors"))
+    assert ckpt and all(torch.equal(own[k], v) for k, v in ckpt.items())
+    last = load_file(str(out / "checkpoints" / f"step-{20 * steps_per_epoch}" / "model.safetensors"))
+    if chosen[0]["epoch"] != 20:  # then the folder is not simply the last weights
+        assert not all(torch.equal(own[k], v) for k, v in last.items())
+
+    ds = build_dataset([root / "shard-0.zarr"], [root / "attributes.parquet"], root / "val.parquet",
+                       model.tokenizer, stage=2, use_mask_tokens=True, use_attributes=False,
+                       n_vision=model.config.n_vision, with_targets=False)
+    raw = generate_texts(model, ds, batch_size=8, max_new_tokens=60)
+    f1, _ = macro_ca_f1(reference_texts(root / "val.parquet", ds.volume_ids),
+                        [report_text(raw[v], 2) for v in ds.volume_ids])
+    assert f1 == chosen[0]["val_ca_f1"]
 
 
 # ---- benchmark scripts, CPU modes -----------------------------------------------------------------
