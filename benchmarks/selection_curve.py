@@ -1,7 +1,8 @@
 """Does the validation clinical F1 choose well? Each kept stage-2 checkpoint of a finished demo run, scored
 on the test split, next to the validation clinical F1 the trainer logged at the same step.
 
-    python benchmarks/selection_curve.py --results DIR/results [--experiment full] [--every K] [--json F] [--png F]
+    python benchmarks/selection_curve.py --results DIR/results [--experiment full] [--every K] [--min-epoch E]
+        [--json F] [--png F]
 
 The run must have trained stage 2 with `select_by: val_ca_f1` and kept a checkpoint at the scored steps
 (`benchmarks/configs/select_val_ca_f1.yaml`: both every 2 epochs, all checkpoints kept). Each checkpoint's
@@ -58,7 +59,7 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def curve(results: Path, experiment: str = "full", every: int = 1) -> dict:
+def curve(results: Path, experiment: str = "full", every: int = 1, min_epoch: float = 0) -> dict:
     model_dir = results / "experiments" / experiment / "stage2"
     log = [json.loads(x) for x in (model_dir / "train_log.jsonl").read_text(encoding="utf-8").splitlines() if x]
     scored = {r["step"]: r for r in log if r.get("val_ca_f1") is not None and "event" not in r}
@@ -66,12 +67,12 @@ def curve(results: Path, experiment: str = "full", every: int = 1) -> dict:
     if not scored or chosen is None:
         raise SystemExit(f"{model_dir}: no validation clinical F1 in train_log.jsonl (train with select_by val_ca_f1)")
     ckpts = {int(c.name[5:]): c for c in (model_dir / "checkpoints").glob("step-*") if c.name[5:].isdigit()}
-    steps = sorted(set(scored) & set(ckpts))
+    steps = sorted(s for s in set(scored) & set(ckpts) if scored[s]["epoch"] >= min_epoch)
+    if not steps:
+        raise SystemExit(f"{model_dir}/checkpoints: no checkpoint at a scored step ({sorted(scored)[:5]}...)")
     # every k-th scored checkpoint, and always the selected and the last one
     steps = sorted({s for i, s in enumerate(steps) if i % every == every - 1} | {steps[-1]}
                    | ({chosen["step"]} & set(steps)))
-    if not steps:
-        raise SystemExit(f"{model_dir}/checkpoints: no checkpoint at a scored step ({sorted(scored)[:5]}...)")
     feats, attrs = model_inputs(results, "r2")
     test = results / "reports" / "test.parquet"
     rows = []
@@ -131,10 +132,11 @@ def main(argv=None) -> int:
     ap.add_argument("--experiment", default="full")
     ap.add_argument("--every", type=int, default=1, help="score every k-th scored checkpoint (always the "
                     "selected and the last one)")
+    ap.add_argument("--min-epoch", type=float, default=0, help="skip checkpoints of earlier epochs")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--png", type=Path)
     args = ap.parse_args(argv)
-    res = curve(args.results, args.experiment, args.every)
+    res = curve(args.results, args.experiment, args.every, args.min_epoch)
     s, last, best = res["selected"], res["last"], res["best_in_hindsight"]
     print(f"\nselected by validation clinical F1: epoch {s['epoch']}, test CA-F1 {s['test_ca_f1']:.3f}"
           if s else "\nselected epoch has no checkpoint")
