@@ -17,7 +17,6 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 SELECT_BY = ("last", "val_ca_f1")
@@ -41,8 +40,9 @@ def macro_ca_f1(references: Sequence[str], reports: Sequence[str]) -> tuple[floa
     if len(references) != len(reports):
         raise ValueError(f"{len(references)} references but {len(reports)} reports")
     scores = clinical_scores(label_reports(list(references)), label_reports(list(reports)), CLASSES)
+    # clinical_scores' macro_f1 already leaves out the classes without reference support
     per_class = {c: s["f1"] for c, s in scores["per_class"].items() if s["f1"] is not None}
-    return (float(np.mean(list(per_class.values()))) if per_class else None), per_class
+    return scores["macro_f1"], per_class
 
 
 def reference_texts(reports: str | os.PathLike, volume_ids: Sequence[str]) -> list[str]:

@@ -519,6 +519,24 @@ def test_selection_by_validation_clinical_f1_keeps_the_best_epoch(learnable, tmp
     assert f1 == chosen[0]["val_ca_f1"]
 
 
+def test_selection_without_any_named_class_keeps_the_last_weights(tiny, tmp_path):  # noqa: F811
+    """Validation references that name no class give no score: the run says so, logs it and ends on
+    the last weights instead of failing or saving nothing."""
+    val = pd.read_parquet(tiny / "val.parquet")
+    val["findings"] = "The lungs are clear."
+    val.to_parquet(tmp_path / "normal_val.parquet")
+    out = tmp_path / "run"
+    params = {**EXACT, "epochs": 2, "select_by": "val_ca_f1", "select_max_new_tokens": 8}
+    args = train_args(tiny, 2, out, params)
+    args[args.index("--val-reports") + 1] = tmp_path / "normal_val.parquet"
+    proc = run_cli("model.train", *args)
+    assert "no validation reference names a class, keeping the last weights" in proc.stderr
+    recs = log_records(out)
+    assert [r["val_ca_f1"] for r in recs if "val_ca_f1" in r and "event" not in r] == [None, None]
+    assert [r for r in recs if r.get("event") == "selected"][0]["val_ca_f1"] is None
+    assert (out / "medregion_config.json").exists() and not (out / "selection").exists()
+
+
 # ---- benchmark scripts, CPU modes -----------------------------------------------------------------
 
 
