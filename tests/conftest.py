@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,3 +89,39 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (workdir / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n", encoding="utf-8")
     (workdir / "network.txt").write_text("none\n" if no_network_prefix() else "host\n", encoding="utf-8")
     return workdir
+
+
+# ---- a real one-node SLURM cluster (tests/slurm_cluster.py), shared by the session -----------------
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    from slurm_cluster import LocalSlurm, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    # munged runs as the munge user: its folder must be reachable, which pytest's 0700 tmp root is not
+    root = Path(tempfile.mkdtemp(prefix="medregion-slurm-"))
+    slurm = LocalSlurm(root)
+    try:
+        slurm.start()
+        yield slurm
+    finally:
+        slurm.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_run(cluster, tmp_path_factory: pytest.TempPathFactory):
+    """The whole demo from nothing through the SLURM profile, one features job killed mid-run and
+    retried. tests/test_slurm.py checks the scheduling; tests/test_determinism.py compares its outputs
+    with `demo_run`'s (so the session runs the demo twice, not three times)."""
+    from slurm_cluster import KILLED, run_through_slurm
+
+    workdir = tmp_path_factory.mktemp("slurm-workflow")
+    run = run_through_slurm(cluster, workdir, "all", kill=KILLED,
+                            started=workdir / "results" / "logs" / "features" / "r2-shard-0.log")
+    (workdir / "wall_seconds.txt").write_text(f"{run.wall:.1f}\n", encoding="utf-8")
+    return run

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,3 +201,78 @@ def _uid(user: str) -> int:
     import pwd
 
     return pwd.getpwnam(user).pw_uid
+
+# ---- the demo workflow through the cluster (tests/conftest.py's `slurm_run`, tests/test_slurm.py) --------
+
+PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "slurm"
+# the job killed mid-run (the plugin puts `rule_<name>_wildcards_<values>` into the job comment)
+KILLED = "rule_features_wildcards_r2_0"
+
+
+def usable() -> bool:
+    """The cluster can start here and Snakemake's SLURM executor plugin is installed."""
+    import importlib.util
+
+    return unavailable_reason() is None and importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
+
+
+class Watch(threading.Thread):
+    """Polls the cluster during a run: records every job it sees and its `scontrol` record (slurmctld
+    forgets finished jobs after MinJobAge) and `scancel`s the job whose comment is `kill` once,
+    `after_s` seconds after its rule's command started (its log file `started` appeared): killed
+    mid-run, not while queued."""
+
+    def __init__(self, cluster: LocalSlurm, kill: str, started: Path, after_s: float = 2.0) -> None:
+        super().__init__(daemon=True)
+        self.cluster, self.kill, self.started, self.after_s = cluster, kill, started, after_s
+        self.done = threading.Event()
+        self.seen: dict[str, dict[str, str]] = {}
+        self.info: dict[str, dict[str, str]] = {}
+        self.killed: dict[str, str] | None = None
+
+    def run(self) -> None:
+        started_at = None
+        while not self.done.is_set():
+            for job in self.cluster.jobs():
+                self.seen[job["id"]] = job
+                if job["id"] not in self.info:
+                    self.info[job["id"]] = self.cluster.job_info(job["id"])
+                if self.killed or job["comment"] != self.kill or job["state"] != "RUNNING":
+                    continue
+                if started_at is None and self.started.exists():
+                    started_at = time.monotonic()
+                if started_at is not None and time.monotonic() - started_at >= self.after_s:
+                    self.cluster.cancel(job["id"])
+                    self.killed = job
+            self.done.wait(0.5)
+
+
+@dataclass
+class SlurmRun:
+    workdir: Path
+    wall: float
+    log: str  # Snakemake's output
+    jobs: list[dict[str, str]] = field(default_factory=list)  # the cluster's jobs of this run
+    info: dict[str, dict[str, str]] = field(default_factory=dict)  # job id -> `scontrol show job`
+    killed: dict[str, str] | None = None
+
+
+def run_through_slurm(cluster: LocalSlurm, workdir: Path, *args: str, kill: str | None = None,
+                      started: Path | None = None) -> SlurmRun:
+    """Snakemake with the SLURM profile in `workdir`; with `kill`, that job is scancel'ed once mid-run."""
+    from conftest import snakemake  # how every test runs the workflow (conftest imports this module lazily)
+
+    before = {j["id"] for j in cluster.jobs()}
+    watch = Watch(cluster, kill or "", started or workdir / "never")
+    watch.start()
+    t0 = time.perf_counter()
+    try:
+        proc = snakemake(workdir, "--workflow-profile", str(PROFILE), "--jobs", "4", *args,
+                         env=cluster.env, timeout=2400)
+    finally:
+        watch.done.set()
+        watch.join()
+    wall = time.perf_counter() - t0
+    jobs = {**watch.seen, **{j["id"]: j for j in cluster.jobs()}}
+    jobs = [jobs[i] for i in sorted(jobs, key=int) if i not in before]
+    return SlurmRun(workdir, wall, proc.stdout + proc.stderr, jobs, watch.info, watch.killed)
