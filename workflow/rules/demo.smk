@@ -56,6 +56,7 @@ if config["llm"].get("build_demo", False):
             layers=config["llm"].get("demo_layers", 2),
             vocab=config["llm"].get("demo_vocab_size", 2000),
             seed=config["llm"].get("demo_seed", 0),
+            pretrain_steps=config["llm"].get("demo_pretrain_steps", 300),
         log:
             f"{RES}/logs/demo_llm.log",
         benchmark:
@@ -65,4 +66,5 @@ if config["llm"].get("build_demo", False):
             "../../envs/train.yaml"
         shell:
             "python -m model.demo_llm --reports {input.train} --out {output} --hidden-size {params.hidden}"
-            " --layers {params.layers} --vocab-size {params.vocab} --seed {params.seed} > {log} 2>&1"
+            " --layers {params.layers} --vocab-size {params.vocab} --seed {params.seed}"
+            " --pretrain-steps {params.pretrain_steps} > {log} 2>&1"
