@@ -209,13 +209,6 @@ PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "slurm"
 KILLED = "rule_features_wildcards_r2_0"
 
 
-def usable() -> bool:
-    """The cluster can start here and Snakemake's SLURM executor plugin is installed."""
-    import importlib.util
-
-    return unavailable_reason() is None and importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
-
-
 class Watch(threading.Thread):
     """Polls the cluster during a run: records every job it sees and its `scontrol` record (slurmctld
     forgets finished jobs after MinJobAge) and `scancel`s the job whose comment is `kill` once,
