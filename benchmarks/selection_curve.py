@@ -2,7 +2,7 @@
 on the test split, next to the validation clinical F1 the trainer logged at the same step.
 
     python benchmarks/selection_curve.py --results DIR/results [--experiment full] [--every K] [--min-epoch E]
-        [--json F] [--png F]
+        [--average-from EPOCH ...] [--json F] [--png F]
 
 The run must have trained stage 2 with `select_by: val_ca_f1` and kept a checkpoint at the scored steps
 (`benchmarks/configs/select_val_ca_f1.yaml`: both every 2 epochs, all checkpoints kept). Each checkpoint's
@@ -12,7 +12,8 @@ its test reports as the generate rule does, and they are scored as `benchmarks/d
 (macro F1 over the planted classes with test support). Printed side by side per scored epoch:
 validation loss, validation clinical F1 (what selection sees), test CA-F1 (what it should predict);
 then the epoch selection chose against the last epoch and the best epoch in hindsight, and the rank
-correlation of the two F1 curves.
+correlation of the two F1 curves. `--average-from E` also scores checkpoint averaging: the element-wise
+mean of the weights of every scored checkpoint from epoch E on, put into the model the same way.
 """
 
 from __future__ import annotations
@@ -32,21 +33,28 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from demo_learning import PLANTED, _generated_scores, macro_over, model_inputs  # noqa: E402
 
 
-def checkpoint_model(model_dir: Path, checkpoint: Path, out: Path) -> None:
-    """The finished model with the trainable weights of `checkpoint` (Accelerate's model.safetensors)."""
+def checkpoint_model(model_dir: Path, checkpoints: list[Path], out: Path) -> None:
+    """The finished model with the trainable weights of `checkpoints` (Accelerate's model.safetensors):
+    one checkpoint's as they are, several averaged element-wise (in float64, stored in the model's dtype)."""
     import torch
     from safetensors.torch import load_file
 
     from model.network import MedRegionCT
 
     model = MedRegionCT.from_pretrained(model_dir)
-    weights = load_file(str(checkpoint / "model.safetensors"))
     own = model.state_dict()
-    unknown = sorted(set(weights) - set(own))
-    if unknown:
-        raise SystemExit(f"{checkpoint}: tensors the network does not have: {unknown[:5]}")
+    total: dict[str, torch.Tensor] = {}
+    for checkpoint in checkpoints:
+        weights = load_file(str(checkpoint / "model.safetensors"))
+        unknown = sorted(set(weights) - set(own))
+        if unknown:
+            raise SystemExit(f"{checkpoint}: tensors the network does not have: {unknown[:5]}")
+        if total and set(weights) != set(total):
+            raise SystemExit(f"{checkpoint}: other tensors than {checkpoints[0]}")
+        for k, v in weights.items():
+            total[k] = total[k] + v.double() if k in total else v.double()
     with torch.no_grad():
-        model.load_state_dict(weights, strict=False)
+        model.load_state_dict({k: (v / len(checkpoints)).to(own[k].dtype) for k, v in total.items()}, strict=False)
     model.save_pretrained(out)
 
 
@@ -59,7 +67,17 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def curve(results: Path, experiment: str = "full", every: int = 1, min_epoch: float = 0) -> dict:
+def _test_scores(model_dir: Path, checkpoints: list[Path], feats: list[str], attrs: list[str],
+                 test: Path) -> tuple[float, dict[str, float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint_model(model_dir, checkpoints, Path(tmp))
+        scores, _ = _generated_scores(Path(tmp), feats, attrs, test)
+    f1, used = macro_over(scores, PLANTED)
+    return f1, {c: round(scores["per_class"][c]["f1"], 2) for c in used}
+
+
+def curve(results: Path, experiment: str = "full", every: int = 1, min_epoch: float = 0,
+          average_from: tuple[float, ...] = ()) -> dict:
     model_dir = results / "experiments" / experiment / "stage2"
     log = [json.loads(x) for x in (model_dir / "train_log.jsonl").read_text(encoding="utf-8").splitlines() if x]
     scored = {r["step"]: r for r in log if r.get("val_ca_f1") is not None and "event" not in r}
@@ -67,7 +85,8 @@ def curve(results: Path, experiment: str = "full", every: int = 1, min_epoch: fl
     if not scored or chosen is None:
         raise SystemExit(f"{model_dir}: no validation clinical F1 in train_log.jsonl (train with select_by val_ca_f1)")
     ckpts = {int(c.name[5:]): c for c in (model_dir / "checkpoints").glob("step-*") if c.name[5:].isdigit()}
-    steps = sorted(s for s in set(scored) & set(ckpts) if scored[s]["epoch"] >= min_epoch)
+    kept = sorted(set(scored) & set(ckpts))
+    steps = [s for s in kept if scored[s]["epoch"] >= min_epoch]
     if not steps:
         raise SystemExit(f"{model_dir}/checkpoints: no checkpoint at a scored step ({sorted(scored)[:5]}...)")
     # every k-th scored checkpoint, and always the selected and the last one
@@ -77,16 +96,21 @@ def curve(results: Path, experiment: str = "full", every: int = 1, min_epoch: fl
     test = results / "reports" / "test.parquet"
     rows = []
     for step in steps:
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint_model(model_dir, ckpts[step], Path(tmp))
-            scores, _ = _generated_scores(Path(tmp), feats, attrs, test)
-        f1, used = macro_over(scores, PLANTED)
+        f1, per_class = _test_scores(model_dir, [ckpts[step]], feats, attrs, test)
         r = scored[step]
         rows.append({"epoch": r["epoch"], "step": step, "val_loss": round(r["val_loss"], 4),
-                     "val_ca_f1": round(r["val_ca_f1"], 3), "test_ca_f1": round(f1, 3),
-                     "test_per_class": {c: round(scores["per_class"][c]["f1"], 2) for c in used}})
+                     "val_ca_f1": round(r["val_ca_f1"], 3), "test_ca_f1": round(f1, 3), "test_per_class": per_class})
         print(f"epoch {r['epoch']:>3}: val loss {r['val_loss']:.4f}  val F1 {r['val_ca_f1']:.3f}  "
               f"test CA-F1 {f1:.3f}", flush=True)
+    averages = []
+    for start in average_from:  # the mean of the weights of every scored checkpoint from that epoch on
+        tail = [s for s in kept if scored[s]["epoch"] >= start]
+        if not tail:
+            raise SystemExit(f"{model_dir}/checkpoints: no scored checkpoint from epoch {start} on")
+        f1, per_class = _test_scores(model_dir, [ckpts[s] for s in tail], feats, attrs, test)
+        averages.append({"from_epoch": start, "checkpoints": len(tail), "steps": tail, "test_ca_f1": round(f1, 3),
+                         "test_per_class": per_class})
+        print(f"mean of the {len(tail)} checkpoints from epoch {start}: test CA-F1 {f1:.3f}", flush=True)
     by_step = {r["step"]: r for r in rows}
     last = rows[-1]
     hindsight = max(rows, key=lambda r: r["test_ca_f1"])
@@ -98,6 +122,7 @@ def curve(results: Path, experiment: str = "full", every: int = 1, min_epoch: fl
         "best_in_hindsight": hindsight,
         "spearman_val_f1_vs_test_f1": spearman([r["val_ca_f1"] for r in rows], [r["test_ca_f1"] for r in rows]),
         "spearman_val_loss_vs_test_f1": spearman([-r["val_loss"] for r in rows], [r["test_ca_f1"] for r in rows]),
+        "weight_averages": averages,
     }
 
 
@@ -133,10 +158,13 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=1, help="score every k-th scored checkpoint (always the "
                     "selected and the last one)")
     ap.add_argument("--min-epoch", type=float, default=0, help="skip checkpoints of earlier epochs")
+    ap.add_argument("--average-from", type=float, nargs="*", default=[], metavar="EPOCH",
+                    help="also score the element-wise mean of the weights of every scored checkpoint from "
+                    "each EPOCH on (checkpoint averaging)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--png", type=Path)
     args = ap.parse_args(argv)
-    res = curve(args.results, args.experiment, args.every, args.min_epoch)
+    res = curve(args.results, args.experiment, args.every, args.min_epoch, tuple(args.average_from))
     s, last, best = res["selected"], res["last"], res["best_in_hindsight"]
     print(f"\nselected by validation clinical F1: epoch {s['epoch']}, test CA-F1 {s['test_ca_f1']:.3f}"
           if s else "\nselected epoch has no checkpoint")
