@@ -60,3 +60,20 @@ def test_the_seed_overlay_reaches_the_demo_llm_and_both_training_commands(tmp_pa
     train = [line for line in out.splitlines() if "--stage " in line and "--params-json" in line]
     assert demo_llm and all("--seed 2" in line for line in demo_llm)
     assert len(train) >= 2 and all('"seed": 2' in line for line in train)
+
+
+def test_demo_pretrain_steps_reach_the_demo_llm_command(tmp_path):
+    # the default stays 300 steps; a config's llm.demo_pretrain_steps (the end-to-end test config: 60)
+    # must change the command, or the tests would pre-train for the default and pay for it
+    def demo_llm_lines(*configs: Path) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "1",
+             "all", "-n", "-p", "--configfile", *map(str, configs)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        return [line for line in out.splitlines() if "model.demo_llm" in line]
+
+    default = demo_llm_lines(REPO / "config" / "config.yaml")
+    e2e = demo_llm_lines(REPO / "config" / "config.yaml", REPO / "tests" / "data" / "e2e_config.yaml")
+    assert default and all("--pretrain-steps 300" in line for line in default)
+    assert e2e and all("--pretrain-steps 60" in line for line in e2e)

@@ -551,3 +551,36 @@ def test_gpu_train_step_script_tiny_cpu(tmp_path):
     assert res["tokens_per_step"] == 900 and res["vision_tokens"] == 356 and res["mask_slots"] == 18
     assert res["params_lora"] > 0 and res["params_trainable"] < res["params_total"]
     assert res["tokens_per_s"] > 0 and np.isfinite(res["losses"]).all()
+
+
+def test_checkpoint_averaging_loads_the_mean_of_the_trainable_weights(tiny, tmp_path):  # noqa: F811
+    """benchmarks/selection_curve.py's checkpoint_model: one checkpoint's weights as they are, several
+    averaged element-wise, a checkpoint with other tensors refused."""
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from selection_curve import checkpoint_model
+
+    model = make_model(tiny, stage=2)
+    model.save_pretrained(tmp_path / "model")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    base = {n: t.detach().clone() for n, t in model.state_dict().items() if n in names}
+    assert any("lora" in n for n in base) and any("lora" not in n for n in base)  # adapter and connector
+    for name, shift in (("a", 1.0), ("b", 3.0)):
+        (tmp_path / name).mkdir()
+        save_file({n: (t + shift).contiguous() for n, t in base.items()}, str(tmp_path / name / "model.safetensors"))
+
+    def trainable(folder: Path) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in MedRegionCT.from_pretrained(folder).state_dict().items() if n in names}
+
+    checkpoint_model(tmp_path / "model", [tmp_path / "a"], tmp_path / "one")
+    checkpoint_model(tmp_path / "model", [tmp_path / "a", tmp_path / "b"], tmp_path / "mean")
+    one, mean = trainable(tmp_path / "one"), trainable(tmp_path / "mean")
+    assert one.keys() == mean.keys() == base.keys()
+    for n, t in base.items():
+        assert torch.equal(one[n], t + 1.0), n
+        torch.testing.assert_close(mean[n], t + 2.0, rtol=0, atol=1e-6)
+    (tmp_path / "c").mkdir()
+    save_file({n: t.contiguous() for n, t in list(base.items())[1:]}, str(tmp_path / "c" / "model.safetensors"))
+    with pytest.raises(SystemExit, match="other tensors"):
+        checkpoint_model(tmp_path / "model", [tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
