@@ -4,13 +4,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from slurm_cluster import SessionSlurm
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -59,6 +59,15 @@ def no_network_prefix() -> list[str]:
     return ["unshare", "-n"] if probe.returncode == 0 else []
 
 
+def snakemake_command(workdir: Path, *args: str, env: dict[str, str] | None = None, offline: bool = False,
+                      configfiles: Sequence[Path] = (E2E_CONFIG,)) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `snakemake()` (which documents the arguments)."""
+    prefix = no_network_prefix() if offline else []
+    cmd = [*prefix, sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", *map(str, configfiles), "--cores", "2", *args]
+    return cmd, {**(env or os.environ), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
               timeout: float = 1800, offline: bool = False,
               configfiles: Sequence[Path] = (E2E_CONFIG,)) -> subprocess.CompletedProcess[str]:
@@ -67,10 +76,7 @@ def snakemake(workdir: Path, *args: str, check: bool = True, env: dict[str, str]
 
     `offline=True` runs it in a network namespace of its own (nothing reachable), where possible.
     """
-    prefix = no_network_prefix() if offline else []
-    cmd = [*prefix, sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", *map(str, configfiles), "--cores", "2", *args]
-    env = {**(env or os.environ), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd, env = snakemake_command(workdir, *args, env=env, offline=offline, configfiles=configfiles)
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -92,36 +98,37 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ---- a real one-node SLURM cluster (tests/slurm_cluster.py), shared by the session -----------------
+# The whole demo through SLURM spends most of its wall time in the executor's squeue backoff, not on
+# the CPUs: it starts in a background thread as soon as the session's tests are known, and the tests
+# that read it go last, so the tests before them fill that wait.
+
+SESSION_SLURM = SessionSlurm()
+SLURM_DEMO_USERS = {"slurm_run", "second_run"}  # fixtures that need the session's SLURM demo
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only for the tests that will run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    users = [item for item in items if SLURM_DEMO_USERS & set(getattr(item, "fixturenames", ()))]
+    if not users or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item not in users] + users
+    SESSION_SLURM.start_demo()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    SESSION_SLURM.stop()
 
 
 @pytest.fixture(scope="session")
 def cluster():
-    from slurm_cluster import LocalSlurm, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    pytest.importorskip("snakemake_executor_plugin_slurm")
-    # munged runs as the munge user: its folder must be reachable, which pytest's 0700 tmp root is not
-    root = Path(tempfile.mkdtemp(prefix="medregion-slurm-"))
-    slurm = LocalSlurm(root)
-    try:
-        slurm.start()
-        yield slurm
-    finally:
-        slurm.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    """The session's cluster, once the background demo (if any) has finished: tests that submit
+    jobs of their own do not share it with that run."""
+    return SESSION_SLURM.cluster()
 
 
 @pytest.fixture(scope="session")
-def slurm_run(cluster, tmp_path_factory: pytest.TempPathFactory):
+def slurm_run(cluster):
     """The whole demo from nothing through the SLURM profile, one features job killed mid-run and
     retried. tests/test_slurm.py checks the scheduling; tests/test_determinism.py compares its outputs
     with `demo_run`'s (so the session runs the demo twice, not three times)."""
-    from slurm_cluster import KILLED, run_through_slurm
-
-    workdir = tmp_path_factory.mktemp("slurm-workflow")
-    run = run_through_slurm(cluster, workdir, "all", kill=KILLED,
-                            started=workdir / "results" / "logs" / "features" / "r2-shard-0.log")
-    (workdir / "wall_seconds.txt").write_text(f"{run.wall:.1f}\n", encoding="utf-8")
-    return run
+    return SESSION_SLURM.demo()

@@ -13,6 +13,7 @@ slurmd does not drain a node whose RAM is below it; memory is scheduled, not enf
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -251,21 +252,132 @@ class SlurmRun:
 
 
 def run_through_slurm(cluster: LocalSlurm, workdir: Path, *args: str, kill: str | None = None,
-                      started: Path | None = None) -> SlurmRun:
-    """Snakemake with the SLURM profile in `workdir`; with `kill`, that job is scancel'ed once mid-run."""
-    from conftest import snakemake  # how every test runs the workflow (conftest imports this module lazily)
+                      started: Path | None = None, timeout: float = 2400,
+                      running: list[subprocess.Popen[str]] | None = None) -> SlurmRun:
+    """Snakemake with the SLURM profile in `workdir`; with `kill`, that job is scancel'ed once mid-run.
+    `running`, when given, holds the Snakemake process while it runs (so that it can be stopped)."""
+    from conftest import snakemake_command  # how every test runs the workflow
 
     before = {j["id"] for j in cluster.jobs()}
     watch = Watch(cluster, kill or "", started or workdir / "never")
     watch.start()
     t0 = time.perf_counter()
+    cmd, env = snakemake_command(workdir, "--workflow-profile", str(PROFILE), "--jobs", "4", *args, env=cluster.env)
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
+                            errors="replace", env=env, start_new_session=True)
+    if running is not None:
+        running.append(proc)
     try:
-        proc = snakemake(workdir, "--workflow-profile", str(PROFILE), "--jobs", "4", *args,
-                         env=cluster.env, timeout=2400)
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # Snakemake cancels its SLURM jobs on SIGTERM
+        out, _ = proc.communicate()
+        raise AssertionError(f"snakemake through SLURM did not finish in {timeout:.0f} s:\n{out[-6000:]}") from None
     finally:
         watch.done.set()
         watch.join()
+        if running is not None and proc in running:
+            running.remove(proc)
+    if proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} through SLURM failed:\n{out[-10000:]}")
     wall = time.perf_counter() - t0
     jobs = {**watch.seen, **{j["id"]: j for j in cluster.jobs()}}
     jobs = [jobs[i] for i in sorted(jobs, key=int) if i not in before]
-    return SlurmRun(workdir, wall, proc.stdout + proc.stderr, jobs, watch.info, watch.killed)
+    return SlurmRun(workdir, wall, out, jobs, watch.info, watch.killed)
+
+
+class SessionSlurm:
+    """The test session's cluster and its whole-demo run (tests/conftest.py).
+
+    `start_demo` starts, in a background thread, the cluster and the demo from nothing through the
+    profile with one features job killed mid-run (`KILLED`). `cluster()` and `demo()` wait for that
+    thread; they skip with the reason where no cluster can start here, and raise what the run raised.
+    Without `start_demo`, `cluster()` starts the cluster in the calling thread.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._cluster: LocalSlurm | None = None
+        self._skip: str | None = None
+        self._error: BaseException | None = None
+        self._run: SlurmRun | None = None
+        self._running: list[subprocess.Popen[str]] = []
+
+    def _start_cluster(self) -> None:
+        import importlib.util
+        import tempfile
+
+        reason = unavailable_reason()
+        if reason is None and importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+            reason = "snakemake-executor-plugin-slurm not installed"
+        if reason:
+            self._skip = reason
+            return
+        # munged runs as the munge user: its folder must be reachable, which pytest's 0700 tmp root is not
+        cluster = LocalSlurm(Path(tempfile.mkdtemp(prefix="medregion-slurm-")))
+        try:
+            cluster.start()
+        except BaseException:
+            cluster.stop()
+            shutil.rmtree(cluster.root, ignore_errors=True)
+            raise
+        self._cluster = cluster
+
+    def _demo(self) -> None:
+        try:
+            self._start_cluster()
+            if self._cluster is None:
+                return
+            workdir = self._cluster.root / "slurm-workflow"
+            workdir.mkdir()
+            self._run = run_through_slurm(self._cluster, workdir, "all", kill=KILLED,
+                                          started=workdir / "results" / "logs" / "features" / "r2-shard-0.log",
+                                          running=self._running)
+            (workdir / "wall_seconds.txt").write_text(f"{self._run.wall:.1f}\n", encoding="utf-8")
+        except BaseException as error:  # handed to the tests that read the run
+            self._error = error
+
+    def start_demo(self) -> None:
+        if self._thread is None and self._cluster is None:
+            self._thread = threading.Thread(target=self._demo, name="slurm-demo", daemon=True)
+            self._thread.start()
+
+    def _wait(self) -> None:
+        import pytest
+
+        if self._thread is not None:
+            self._thread.join()
+        elif self._cluster is None and self._skip is None:
+            self._start_cluster()
+        if self._skip:
+            pytest.skip(self._skip)
+        if self._cluster is None and self._error is not None:
+            raise self._error
+
+    def cluster(self) -> LocalSlurm:
+        self._wait()
+        assert self._cluster is not None
+        return self._cluster
+
+    def demo(self) -> SlurmRun:
+        self._wait()
+        if self._error is not None:
+            raise self._error
+        if self._run is None:
+            raise RuntimeError("the session's SLURM demo was not started (SessionSlurm.start_demo)")
+        return self._run
+
+    def stop(self) -> None:
+        """Stop a run still going (an interrupted session), then the cluster; remove its folder."""
+        for proc in list(self._running):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        if self._thread is not None:
+            self._thread.join(timeout=120)
+        if self._cluster is not None:
+            import getpass
+
+            subprocess.run(["scancel", "--user", getpass.getuser()], capture_output=True, env=self._cluster.env)
+            self._cluster.stop()
+            shutil.rmtree(self._cluster.root, ignore_errors=True)
+            self._cluster = None

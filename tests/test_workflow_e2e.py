@@ -124,7 +124,9 @@ def test_second_invocation_does_nothing(run: Path) -> None:
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_forcerun_until_reruns_only_that_stage(run: Path) -> None:
+def test_forcerun_until_reruns_only_that_stage(run: Path, tmp_path: Path) -> None:
+    # on a copy (modification times and Snakemake's metadata kept): the session's run stays as it was
+    run = Path(shutil.copytree(run.parent, tmp_path / "wd", symlinks=True)) / "results"
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "features" not in p.parts
               and "logs" not in p.parts and "benchmarks" not in p.parts}
     feature_dirs = sorted((run / "features" / "demo-dinov2-r2").glob("shard-*.zarr"))
