@@ -77,3 +77,9 @@ def test_demo_pretrain_steps_reach_the_demo_llm_command(tmp_path):
     e2e = demo_llm_lines(REPO / "config" / "config.yaml", REPO / "tests" / "data" / "e2e_config.yaml")
     assert default and all("--pretrain-steps 300" in line for line in default)
     assert e2e and all("--pretrain-steps 60" in line for line in e2e)
+    # llm.demo_attribute_text: off by default (the LM reads reports only), on it passes every
+    # attribute shard (model.demo_llm keeps the training volumes' blocks)
+    assert all("--attributes" not in line for line in default)
+    texts = demo_llm_lines(REPO / "config" / "config.yaml", REPO / "benchmarks" / "configs" / "demo_llm_attribute_text.yaml")
+    shards = [f"results/attributes/shard-{i}.parquet" for i in range(4)]  # 80 volumes, shard_size 20
+    assert texts and all(line.split("--attributes ")[1].split(">")[0].split() == shards for line in texts), texts

@@ -216,6 +216,24 @@ def test_structured_roundtrip_and_tolerance():
         format_target({}, 3)
 
 
+def test_demo_llm_attribute_texts_are_the_training_volumes_prompts(tmp_path):
+    """`--attributes` (llm.demo_attribute_text): the demo LM reads the attribute blocks of the
+    training volumes only (no validation or test prompt), each on its own, empty ones left out."""
+    from model.demo_llm import attribute_texts, report_volume_ids
+
+    for i, ids in enumerate((["t1", "v1"], ["t2", "t3"])):
+        pd.DataFrame({"volume_id": ids, "prompt": [f"Nodule:\n- count: {i}{v}" for v in ids],
+                      "nodule_count": [0, 1]}).to_parquet(tmp_path / f"attr-{i}.parquet")
+    pd.DataFrame({"volume_id": ["t1", "t2", "t3"], "findings": ["a", "b", "c"]}).to_parquet(tmp_path / "train.parquet")
+    frame = pd.read_parquet(tmp_path / "attr-1.parquet")
+    frame.loc[1, "prompt"] = "  "
+    frame.to_parquet(tmp_path / "attr-1.parquet")
+    shards = [tmp_path / "attr-0.parquet", tmp_path / "attr-1.parquet"]
+    texts = attribute_texts(shards, report_volume_ids([tmp_path / "train.parquet"]))
+    assert texts == ["Nodule:\n- count: 0t1", "Nodule:\n- count: 1t2"]
+    assert len(attribute_texts(shards)) == 3  # no filter: every non-empty prompt
+
+
 # ---- splice and labels ---------------------------------------------------------------------------
 
 

@@ -49,6 +49,9 @@ if config["llm"].get("build_demo", False):
     rule demo_llm:
         input:
             train=f"{RES}/reports/train.parquet",
+            # llm.demo_attribute_text: the demo LM also reads the prompts' attribute text in pre-training
+            attributes=shard_files(f"{RES}/attributes/shard-{{shard}}.parquet")
+            if config["llm"].get("demo_attribute_text", False) else [],
         output:
             directory(config["llm"]["path"]),
         params:
@@ -67,4 +70,6 @@ if config["llm"].get("build_demo", False):
         shell:
             "python -m model.demo_llm --reports {input.train} --out {output} --hidden-size {params.hidden}"
             " --layers {params.layers} --vocab-size {params.vocab} --seed {params.seed}"
-            " --pretrain-steps {params.pretrain_steps} > {log} 2>&1"
+            " --pretrain-steps {params.pretrain_steps}"
+            + (" --attributes {input.attributes}" if config["llm"].get("demo_attribute_text", False) else "")
+            + " > {log} 2>&1"
