@@ -33,6 +33,10 @@ optimistic reference, not a fair estimate.
 `--train-fit` scores the model on its own training volumes the same way (generated here): a low value
 means the model underfits the demo, so more data alone would not help.
 
+`--errors` shows where the model fails: per planted class, the prompt number that best separates it on
+the training volumes (AUC) and, on the test split, the positives found and missed, the false
+positives, and what the model wrote instead for the misses.
+
 `--slot-control FINDING:MASK` asks whether the LM can read one mask slot at all: the finding's positive
 volumes get an unmistakable mark (+2 training-set SDs in 5 dims of that mask's pooled features; for
 cardiomegaly in the heart token of the 5-finding demo the sum of the marked dims alone separates the
@@ -200,8 +204,9 @@ def _feature_groups(store, volume_ids: list[str]) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in feats.items()}
 
 
-def _attribute_numbers(results: Path, volume_ids: list[str]) -> np.ndarray:
-    """The numbers of the attribute prompt: organ volumes, lesion counts, largest lesion diameter."""
+def _attribute_frame(results: Path, volume_ids: list[str]) -> pd.DataFrame:
+    """The numbers of the attribute prompt, one named column each: organ volumes, lesion counts,
+    largest lesion diameter (`largest_<lesion>_mm`, 0 without one), in the order of the volume ids."""
     tables = model_inputs(results)[1]
     if not tables:
         sys.exit(f"{results}: no attributes/shard-*.parquet (run the demo through its attributes stage first)")
@@ -211,9 +216,57 @@ def _attribute_numbers(results: Path, volume_ids: list[str]) -> np.ndarray:
         sys.exit(f"{results}: {len(missing)} volumes have no attribute row, e.g. {missing[:3]}")
     attrs = attrs.loc[volume_ids]
     cols = [c for c in attrs.columns if c.endswith(("_ml", "_count"))]
-    largest = [attrs[c].map(lambda d: float(np.max(d)) if len(d) else 0.0)
-               for c in attrs.columns if c.endswith("_diameters_mm")]
-    return np.column_stack([attrs[cols].to_numpy(np.float32), *largest]).astype(np.float32)
+    largest = {f"largest_{c.removesuffix('_diameters_mm')}_mm": attrs[c].map(lambda d: float(np.max(d)) if len(d) else 0.0)
+               for c in attrs.columns if c.endswith("_diameters_mm")}
+    return pd.DataFrame({**{c: attrs[c] for c in cols}, **largest}).astype(np.float64)
+
+
+def _attribute_numbers(results: Path, volume_ids: list[str]) -> np.ndarray:
+    """`_attribute_frame` as an array (the `--ceiling` / `--slot-control` inputs)."""
+    return _attribute_frame(results, volume_ids).to_numpy(np.float32)
+
+
+def _auc(x: np.ndarray, y: np.ndarray) -> float:
+    """Area under the ROC curve of score x for labels y (ties count half)."""
+    pos, neg = x[y == 1], x[y == 0]
+    return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg)))
+
+
+def errors(results: Path, experiment: str = "full") -> dict:
+    """Per planted class, what the prompt's numbers say and what the model wrote on the test split.
+
+    Evidence: the single attribute number (an organ volume, the lung lobes' or heart chambers' sum as
+    the prompt groups them, a lesion count, a largest diameter) that best separates the class on the
+    training volumes (AUC, either direction; 1.0: one threshold on a number the prompt states decides
+    it). Then on the test split: positives, found, missed, false positives, and for the misses the
+    other planted classes the model wrote that the reference lacks (e.g. a pleural effusion written as a
+    pericardial one)."""
+    from pipeline.constants import HEART_CHAMBERS, LOBES
+
+    pred = pd.read_parquet(results / "experiments" / experiment / "predictions.parquet")
+    train = pd.read_parquet(results / "reports" / "train.parquet")
+    test = pd.read_parquet(results / "reports" / "test.parquet").set_index("volume_id").loc[pred["volume_id"]]
+    numbers = _attribute_frame(results, train["volume_id"].astype(str).tolist())
+    numbers["lung_lobes_ml (sum)"] = numbers[[f"{s}_ml" for s in LOBES]].sum(axis=1)
+    numbers["heart_chambers_ml (sum)"] = numbers[[f"{s}_ml" for s in HEART_CHAMBERS]].sum(axis=1)
+    y_train = label_reports(train["findings"].tolist())
+    ref, hyp = label_reports(test["findings"].tolist()), label_reports(pred["report"].fillna("").tolist())
+    idx = {c: CTRATE_CLASSES.index(c) for c in PLANTED}
+    out = {}
+    for c, i in idx.items():
+        y = y_train[:, i]
+        if y.sum() == 0 or y.sum() == len(y) or ref[:, i].sum() == 0:
+            continue
+        aucs = {k: _auc(numbers[k].to_numpy(), y) for k in numbers.columns}
+        best = max(aucs, key=lambda k: max(aucs[k], 1 - aucs[k]))
+        missed = (ref[:, i] == 1) & (hyp[:, i] == 0)
+        instead = Counter(o for o, j in idx.items() if o != c
+                          for k in np.flatnonzero(missed) if hyp[k, j] == 1 and ref[k, j] == 0)
+        out[c] = {"best_attribute": best, "auc_train": round(max(aucs[best], 1 - aucs[best]), 3),
+                  "test_positives": int(ref[:, i].sum()), "found": int(((ref[:, i] == 1) & (hyp[:, i] == 1)).sum()),
+                  "missed": int(missed.sum()), "false_positives": int(((ref[:, i] == 0) & (hyp[:, i] == 1)).sum()),
+                  "missed_written_as": dict(instead.most_common())}
+    return {"train_volumes": len(train), "test_volumes": len(test), "per_class": out}
 
 
 def probe(results: Path) -> dict:
@@ -460,6 +513,9 @@ def main(argv=None) -> int:
                     help="also fit simple classifiers on the training split's inputs and score them on the test split")
     ap.add_argument("--train-fit", action="store_true",
                     help="also score the model on its own training volumes (does it fit them at all?)")
+    ap.add_argument("--errors", action="store_true",
+                    help="also show, per planted class, the prompt number that best separates it and what the "
+                         "model wrote for the test positives it missed")
     ap.add_argument("--slot-control", metavar="FINDING:MASK",
                     help="also retrain with FINDING's positives marked in MASK's pooled features (e.g. "
                          "'Cardiomegaly:heart') and score FINDING: can the LM read one mask slot at all?")
@@ -483,6 +539,8 @@ def main(argv=None) -> int:
         res["ceiling"] = ceiling(results)
     if args.train_fit:
         res["train_fit"] = train_fit(results, args.experiment)
+    if args.errors:
+        res["errors"] = errors(results, args.experiment)
     if args.slot_control:
         finding, _, mask = args.slot_control.rpartition(":")
         res["slot_control"] = slot_control(results, finding, mask, args.experiment)
@@ -502,6 +560,11 @@ def main(argv=None) -> int:
         print(f"ceiling from the inputs ({c['train_volumes']} training volumes -> {c['test_volumes']} test): "
               f"CA-F1 {c['macro_f1_cv_chosen']:.3f} with learners chosen on the training split, "
               f"{c['macro_f1_hindsight']:.3f} chosen with hindsight")
+    if args.errors:
+        for c, e in res["errors"]["per_class"].items():
+            print(f"{c}: prompt evidence {e['best_attribute']} (training AUC {e['auc_train']:.3f}); test "
+                  f"{e['found']}/{e['test_positives']} found, {e['false_positives']} false positives"
+                  + (f"; misses written as {e['missed_written_as']}" if e["missed_written_as"] else ""))
     if args.slot_control:
         c = res["slot_control"]
         print(f"slot control ({c['finding']} marked by +{c['shift_training_sd']} SD in the {c['mask']} mask token, "

@@ -67,3 +67,46 @@ def test_slot_control_refuses_an_unknown_finding_or_mask(tmp_path, finding, mask
     """Checked before anything is read or trained: the results folder here is empty."""
     with pytest.raises(SystemExit, match=message):
         dl.slot_control(tmp_path, finding, mask)
+
+
+def test_auc_ranks_with_ties_counted_half():
+    y = np.array([1, 1, 0, 0])
+    assert dl._auc(np.array([3.0, 2.0, 1.0, 0.0]), y) == 1.0
+    assert dl._auc(np.array([0.0, 1.0, 2.0, 3.0]), y) == 0.0
+    assert dl._auc(np.array([1.0, 1.0, 1.0, 1.0]), y) == 0.5
+
+
+def test_errors_names_the_prompt_number_and_what_the_misses_were_written_as(tmp_path):
+    """`--errors` on a made-up results folder: effusion follows effusion_count in the training volumes
+    (AUC 1.0); of three test positives one is found and two are written as pericardial effusions."""
+    import pandas as pd
+
+    from pipeline.attributes import SCHEMA
+
+    pleural, pericardial = "Pleural effusion is observed on the left.", "A pericardial effusion was detected."
+    normal = "No pleural effusion or pericardial effusion was observed."
+    ids = [f"t{i}" for i in range(8)] + [f"s{i}" for i in range(4)]
+    counts = [1, 1, 1, 0, 0, 0, 0, 0] + [1, 1, 1, 0]
+    rows = []
+    for vid, n in zip(ids, counts):
+        row = {f.name: (0.0 if f.name.endswith("_ml") else 0 if f.name.endswith("_count") else []
+                        if f.name.endswith(("_mm", "_locations")) else True) for f in SCHEMA}
+        row.update(volume_id=vid, effusion_count=n, effusion_diameters_mm=[5.0] * n, prompt="p",
+                   left_atrium_ml=float(len(rows) % 3))  # a number that carries nothing
+        rows.append(row)
+    (tmp_path / "attributes").mkdir()
+    pd.DataFrame(rows).to_parquet(tmp_path / "attributes" / "shard-0.parquet")
+    (tmp_path / "reports").mkdir()
+    pd.DataFrame({"volume_id": ids[:8], "findings": [pleural if n else normal for n in counts[:8]]}).to_parquet(
+        tmp_path / "reports" / "train.parquet")
+    pd.DataFrame({"volume_id": ids[8:], "findings": [pleural if n else normal for n in counts[8:]]}).to_parquet(
+        tmp_path / "reports" / "test.parquet")
+    (tmp_path / "experiments" / "full").mkdir(parents=True)
+    pd.DataFrame({"volume_id": ids[8:], "report": [pleural, pericardial, pericardial, normal]}).to_parquet(
+        tmp_path / "experiments" / "full" / "predictions.parquet")
+    out = dl.errors(tmp_path)
+    assert list(out["per_class"]) == ["Pleural effusion"]  # the only planted class with support
+    e = out["per_class"]["Pleural effusion"]
+    assert e["best_attribute"] in {"effusion_count", "largest_effusion_mm"} and e["auc_train"] == 1.0
+    assert (e["test_positives"], e["found"], e["missed"], e["false_positives"]) == (3, 1, 2, 0)
+    assert e["missed_written_as"] == {"Pericardial effusion": 2}
