@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from slurm_cluster import SessionSlurm
+from slurm_cluster import SessionSlurm, readers_last
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -108,10 +108,10 @@ SLURM_DEMO_USERS = {"slurm_run", "second_run"}  # fixtures that need the session
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only for the tests that will run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    users = [item for item in items if SLURM_DEMO_USERS & set(getattr(item, "fixturenames", ()))]
-    if not users or config.option.collectonly:
+    ordered = readers_last(items, SLURM_DEMO_USERS)
+    if ordered is None or config.option.collectonly:
         return
-    items[:] = [item for item in items if item not in users] + users
+    items[:] = ordered
     SESSION_SLURM.start_demo()
 
 

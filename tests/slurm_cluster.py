@@ -286,6 +286,15 @@ def run_through_slurm(cluster: LocalSlurm, workdir: Path, *args: str, kill: str 
     return SlurmRun(workdir, wall, out, jobs, watch.info, watch.killed)
 
 
+def readers_last(items: list, fixtures: set[str]) -> list | None:
+    """`items` with those that use any of `fixtures` moved to the end (order kept within each part),
+    or None when none does."""
+    readers = [item for item in items if fixtures & set(getattr(item, "fixturenames", ()))]
+    if not readers:
+        return None
+    return [item for item in items if item not in readers] + readers
+
+
 class SessionSlurm:
     """The test session's cluster and its whole-demo run (tests/conftest.py).
 

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+import slurm_cluster
 import yaml
 from conftest import E2E_CONFIG
-from slurm_cluster import KILLED, PROFILE, LocalSlurm, SlurmRun, run_through_slurm
+from slurm_cluster import KILLED, PROFILE, LocalSlurm, SessionSlurm, SlurmRun, readers_last, run_through_slurm
 
 pytestmark = pytest.mark.slow
 # every rule of the demo's DAG but `all` (a localrule that only gathers files)
@@ -131,3 +132,28 @@ def test_every_job_went_through_sbatch(slurm_run: SlurmRun) -> None:
 
 def test_the_killed_job_of_the_full_demo_was_retried(slurm_run: SlurmRun) -> None:
     assert_killed_once_and_retried(slurm_run, KILLED)
+
+
+# ---- the session's background run (no cluster needed) -------------------------------------------
+
+
+def test_readers_of_the_session_demo_go_last_in_their_order():
+    class Item:
+        def __init__(self, name: str, *fixtures: str) -> None:
+            self.name, self.fixturenames = name, list(fixtures)
+
+    items = [Item("a", "tmp_path"), Item("det", "demo_run", "second_run"), Item("b"), Item("slurm", "slurm_run"),
+             Item("c", "cluster")]
+    ordered = readers_last(items, {"slurm_run", "second_run"})
+    assert [i.name for i in ordered] == ["a", "b", "c", "det", "slurm"]
+    assert readers_last(items[:1], {"slurm_run"}) is None  # no reader: nothing starts, order untouched
+
+
+def test_session_without_a_cluster_skips_both_fixtures_with_the_reason(monkeypatch):
+    monkeypatch.setattr(slurm_cluster, "unavailable_reason", lambda: "no cluster here (test)")
+    session = SessionSlurm()
+    session.start_demo()
+    for wait in (session.demo, session.cluster):
+        with pytest.raises(pytest.skip.Exception, match="no cluster here"):
+            wait()
+    session.stop()  # nothing started: nothing to stop, no error

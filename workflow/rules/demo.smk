@@ -45,13 +45,14 @@ if config["features"]["encoder"].get("build_demo", False):
 
 
 if config["llm"].get("build_demo", False):
+    # llm.demo_attribute_text: the demo LM also reads the prompts' attribute text in pre-training
+    # (off: the rule's command is the one runs made before the key existed, so they do not rerun)
+    DEMO_ATTRIBUTE_TEXT = config["llm"].get("demo_attribute_text", False)
 
     rule demo_llm:
         input:
             train=f"{RES}/reports/train.parquet",
-            # llm.demo_attribute_text: the demo LM also reads the prompts' attribute text in pre-training
-            attributes=shard_files(f"{RES}/attributes/shard-{{shard}}.parquet")
-            if config["llm"].get("demo_attribute_text", False) else [],
+            attributes=shard_files(f"{RES}/attributes/shard-{{shard}}.parquet") if DEMO_ATTRIBUTE_TEXT else [],
         output:
             directory(config["llm"]["path"]),
         params:
@@ -71,5 +72,5 @@ if config["llm"].get("build_demo", False):
             "python -m model.demo_llm --reports {input.train} --out {output} --hidden-size {params.hidden}"
             " --layers {params.layers} --vocab-size {params.vocab} --seed {params.seed}"
             " --pretrain-steps {params.pretrain_steps}"
-            + (" --attributes {input.attributes}" if config["llm"].get("demo_attribute_text", False) else "")
+            + (" --attributes {input.attributes}" if DEMO_ATTRIBUTE_TEXT else "")
             + " > {log} 2>&1"
