@@ -50,12 +50,14 @@ def build_demo_llm(
     pretrain_steps: int = 0,
     pretrain_lr: float = 1e-3,
     pretrain_batch: int = 16,
+    init_std: float = 0.02,
 ) -> Path:
     """Train the tokenizer, build a random LlamaForCausalLM, save both atomically to out_dir.
 
     `pretrain_steps > 0` first teaches the LM the texts themselves (plain causal-LM training on the
     same texts): the stand-in for a real LM that already knows radiology language, so that stage 1
     (frozen LM, connector only) has something to condition. 0 keeps the weights random.
+    `init_std` is the std of the random initialisation (Llama's `initializer_range`; LLaMA's 0.02).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -75,6 +77,7 @@ def build_demo_llm(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -94,6 +97,7 @@ def build_demo_llm(
         "seed": seed,
         "texts": len(texts_list),
         "pretrain_steps": pretrain_steps,
+        "init_std": init_std,
         "pretrain_loss_first": losses[0] if losses else None,
         "pretrain_loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
     }
@@ -211,7 +215,17 @@ def main(argv: list[str] | None = None) -> None:
         "A random LM's frozen output layer caps what LoRA can learn (demo val loss plateaus ~5.3 nats); "
         "300 steps (~30-40 s on 2 cores) stand in for a pretrained LLaMA's language knowledge",
     )
+    ap.add_argument(
+        "--init-std",
+        type=float,
+        default=0.02,
+        help="std of the random initialisation (LLaMA's 0.02). At 0.02 a 256-wide LM starts with attention "
+        "logits ~16x smaller than a 4096-wide LLaMA's (they scale with the width), so its attention stays "
+        "near uniform through pre-training; 0.08 gives the 256-wide LM the logit scale of the 4096-wide one",
+    )
     args = ap.parse_args(argv)
+    if args.init_std <= 0:
+        ap.error(f"--init-std must be > 0, got {args.init_std}")
     out = build_demo_llm(
         args.out,
         report_texts(args.reports) + attribute_texts(args.attributes, report_volume_ids(args.reports)),
@@ -221,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         heads=args.heads,
         seed=args.seed,
         pretrain_steps=args.pretrain_steps,
+        init_std=args.init_std,
     )
     print(f"demo LLM written to {out}: {(out / 'demo_llm.json').read_text(encoding='utf-8')}")
 

@@ -83,3 +83,7 @@ def test_demo_pretrain_steps_reach_the_demo_llm_command(tmp_path):
     texts = demo_llm_lines(REPO / "config" / "config.yaml", REPO / "benchmarks" / "configs" / "demo_llm_attribute_text.yaml")
     shards = [f"results/attributes/shard-{i}.parquet" for i in range(4)]  # 80 volumes, shard_size 20
     assert texts and all(line.split("--attributes ")[1].split(">")[0].split() == shards for line in texts), texts
+    # llm.demo_init_std: unset by default (the command as before), the overlay's value reaches the command
+    assert all("--init-std" not in line for line in default)
+    init = demo_llm_lines(REPO / "config" / "config.yaml", REPO / "benchmarks" / "configs" / "demo_llm_init_0.08.yaml")
+    assert init and all("--init-std 0.08" in line for line in init)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from model.data import Collator, LengthGroupedBatchSampler, ReportDataset, build_dataset
 from model.demo_llm import build_demo_llm
@@ -232,6 +233,25 @@ def test_demo_llm_attribute_texts_are_the_training_volumes_prompts(tmp_path):
     texts = attribute_texts(shards, report_volume_ids([tmp_path / "train.parquet"]))
     assert texts == ["Nodule:\n- count: 0t1", "Nodule:\n- count: 1t2"]
     assert len(attribute_texts(shards)) == 3  # no filter: every non-empty prompt
+
+
+def test_demo_llm_init_std_sets_the_initialisation(tmp_path):
+    """llm.demo_init_std: the demo LM's random weights have that std (LLaMA's 0.02 by default), and a
+    larger one gives larger attention scores, as a wider LM has at 0.02 (the scores scale with width)."""
+    texts = ["The heart is normal.", "No pleural effusion.", "A nodule in the right lung."] * 4
+    stds, scores = {}, {}
+    for init in (0.02, 0.08):
+        out = build_demo_llm(tmp_path / f"llm-{init}", texts, vocab_size=300, hidden_size=64, layers=1, heads=2,
+                             seed=0, init_std=init)
+        assert json.loads((out / "demo_llm.json").read_text())["init_std"] == init
+        llm = AutoModelForCausalLM.from_pretrained(str(out))
+        assert llm.config.initializer_range == init
+        attn = llm.model.layers[0].self_attn
+        stds[init] = float(attn.q_proj.weight.std())
+        x = torch.randn(32, 64)  # unit-RMS inputs, as after the RMSNorm
+        scores[init] = float((attn.q_proj(x) @ attn.k_proj(x).T).std())
+    assert abs(stds[0.02] - 0.02) < 0.002 and abs(stds[0.08] - 0.08) < 0.008
+    assert 10 < scores[0.08] / scores[0.02] < 22  # (0.08 / 0.02)^2 = 16
 
 
 # ---- splice and labels ---------------------------------------------------------------------------

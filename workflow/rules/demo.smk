@@ -48,6 +48,7 @@ if config["llm"].get("build_demo", False):
     # llm.demo_attribute_text: the demo LM also reads the prompts' attribute text in pre-training
     # (off: the rule's command is the one runs made before the key existed, so they do not rerun)
     DEMO_ATTRIBUTE_TEXT = config["llm"].get("demo_attribute_text", False)
+    # llm.demo_init_std: unset leaves the command (and LLaMA's 0.02) as before
 
     rule demo_llm:
         input:
@@ -73,4 +74,5 @@ if config["llm"].get("build_demo", False):
             " --layers {params.layers} --vocab-size {params.vocab} --seed {params.seed}"
             " --pretrain-steps {params.pretrain_steps}"
             + (" --attributes {input.attributes}" if DEMO_ATTRIBUTE_TEXT else "")
+            + (f" --init-std {config['llm']['demo_init_std']}" if "demo_init_std" in config["llm"] else "")
             + " > {log} 2>&1"
