@@ -2,8 +2,9 @@
 
     python benchmarks/demo_attention.py --results RUN/results [RUN2/results ...] [--volumes 16] [--json F]
 
-A finding that only a mask slot carries (cardiomegaly in the heart's `<pos>` token, hiatal hernia in the
-abdomen's) reaches a report token only through attention to that slot. For each finished demo run this
+A finding that the prompt text does not state (hiatal hernia: only the abdomen's `<mask><pos>` slot carries
+it; cardiomegaly: the heart's slot, besides the left atrium's volume in the attribute text) reaches a report
+token only through attention to that slot or number. For each finished demo run this
 prints, per layer (mean over heads, over the report tokens of `--volumes` training volumes, teacher-forced
 through the trained stage-2 model), the attention mass on each part of the sequence next to the part's
 share of the positions the token can see: the mass that uniform attention would give. Mass / share ~1
@@ -40,7 +41,8 @@ def _eager(llm) -> None:
 
 
 def part_of_positions(input_ids, labels, img_id: int, mask_ids: tuple[int, int], ignore: int) -> np.ndarray:
-    """Index into PARTS for every position of one unpadded example (-1: not counted, the padding)."""
+    """Index into PARTS for every position of one unpadded example: the text after the last mask slot
+    (attribute block, instruction) is "attribute text", the target positions (labels set) the report."""
     ids, lab = np.asarray(input_ids), np.asarray(labels)
     part = np.full(len(ids), PARTS.index("prompt text"))
     part[ids == img_id] = PARTS.index("vision")
@@ -53,9 +55,11 @@ def part_of_positions(input_ids, labels, img_id: int, mask_ids: tuple[int, int],
     return part
 
 
-def attention_by_part(model, ds, indices: list[int]) -> dict[str, list[list[float]]]:
-    """Per layer: [attention mass, share of visible positions] of each part, averaged over the report
-    tokens (queries) of the examples and over the heads."""
+def attention_by_part(model, ds, indices: list[int]) -> dict:
+    """`mass` (per layer, per part) and `share` (per part): the attention mass of the report tokens
+    (queries) of the examples on each part, averaged over the queries and the heads, and the share of
+    the positions each query can see that the part holds (uniform attention's mass);
+    `report_tokens`: the number of queries."""
     import torch
 
     from model.data import Collator
