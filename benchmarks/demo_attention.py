@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--volumes", type=int, default=16, help="training volumes whose reports are the queries")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.volumes < 1:
+        ap.error(f"--volumes must be >= 1, got {args.volumes}")
     out = [run(r, args.experiment, args.volumes) for r in args.results]
     for res in out:
         p = res["stage2_attention_by_part"]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import REPO
 from test_model import make_dataset, make_model, tiny  # noqa: F401  (fixture)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from demo_attention import PARTS, attention_by_part, part_of_positions  # noqa: E402
+from demo_attention import PARTS, attention_by_part, main, part_of_positions  # noqa: E402
 
 
 def test_each_position_gets_its_part():
@@ -49,3 +50,9 @@ def test_uniform_attention_gives_each_part_its_share(tiny):  # noqa: F811
     uniform = scale_queries(0.0)
     assert np.allclose(np.array(uniform["mass"]), np.array([uniform["share"]] * len(uniform["mass"])), atol=1e-9)
     assert uniform["share"] == sharp["share"]
+
+
+def test_no_volumes_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--results", str(tmp_path), "--volumes", "0"])
+    assert "--volumes must be >= 1" in capsys.readouterr().err

@@ -240,6 +240,7 @@ def test_demo_llm_init_std_sets_the_initialisation(tmp_path):
     larger one gives larger attention scores, as a wider LM has at 0.02 (the scores scale with width)."""
     texts = ["The heart is normal.", "No pleural effusion.", "A nodule in the right lung."] * 4
     stds, scores = {}, {}
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))  # unit-RMS inputs, as after the RMSNorm
     for init in (0.02, 0.08):
         out = build_demo_llm(tmp_path / f"llm-{init}", texts, vocab_size=300, hidden_size=64, layers=1, heads=2,
                              seed=0, init_std=init)
@@ -248,10 +249,14 @@ def test_demo_llm_init_std_sets_the_initialisation(tmp_path):
         assert llm.config.initializer_range == init
         attn = llm.model.layers[0].self_attn
         stds[init] = float(attn.q_proj.weight.std())
-        x = torch.randn(32, 64)  # unit-RMS inputs, as after the RMSNorm
         scores[init] = float((attn.q_proj(x) @ attn.k_proj(x).T).std())
     assert abs(stds[0.02] - 0.02) < 0.002 and abs(stds[0.08] - 0.08) < 0.008
     assert 10 < scores[0.08] / scores[0.02] < 22  # (0.08 / 0.02)^2 = 16
+    from model.demo_llm import main
+
+    with pytest.raises(SystemExit):  # a non-positive std is refused before anything is read or built
+        main(["--reports", str(tmp_path / "absent.parquet"), "--out", str(tmp_path / "x"), "--init-std", "0"])
+    assert not (tmp_path / "x").exists()
 
 
 # ---- splice and labels ---------------------------------------------------------------------------
