@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from model.data import Collator, LengthGroupedBatchSampler, ReportDataset, build_dataset
 from model.demo_llm import build_demo_llm
+from model.demo_llm import main as demo_llm_main
 from model.network import CONFIG_NAME, MedRegionCT, MedRegionCTConfig
 from model.prompt import (
     IGNORE_INDEX,
@@ -235,7 +236,7 @@ def test_demo_llm_attribute_texts_are_the_training_volumes_prompts(tmp_path):
     assert len(attribute_texts(shards)) == 3  # no filter: every non-empty prompt
 
 
-def test_demo_llm_init_std_sets_the_initialisation(tmp_path):
+def test_demo_llm_init_std_sets_the_initialisation(tmp_path, capsys):
     """llm.demo_init_std: the demo LM's random weights have that std (LLaMA's 0.02 by default), and a
     larger one gives larger attention scores, as a wider LM has at 0.02 (the scores scale with width)."""
     texts = ["The heart is normal.", "No pleural effusion.", "A nodule in the right lung."] * 4
@@ -252,10 +253,9 @@ def test_demo_llm_init_std_sets_the_initialisation(tmp_path):
         scores[init] = float((attn.q_proj(x) @ attn.k_proj(x).T).std())
     assert abs(stds[0.02] - 0.02) < 0.002 and abs(stds[0.08] - 0.08) < 0.008
     assert 10 < scores[0.08] / scores[0.02] < 22  # (0.08 / 0.02)^2 = 16
-    from model.demo_llm import main
-
     with pytest.raises(SystemExit):  # a non-positive std is refused before anything is read or built
-        main(["--reports", str(tmp_path / "absent.parquet"), "--out", str(tmp_path / "x"), "--init-std", "0"])
+        demo_llm_main(["--reports", str(tmp_path / "absent.parquet"), "--out", str(tmp_path / "x"), "--init-std", "0"])
+    assert "--init-std must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
