@@ -30,6 +30,13 @@ Below 0.6, a model trained on these volumes would have to beat simple learners o
 wide margin to reach the claim; the hindsight figure (best test F1 over all inputs and learners) is an
 optimistic reference, not a fair estimate.
 
+`--inputs GROUP` (repeatable, with `--ceiling` and/or `--probe`) restricts them to one group of prompt
+inputs at a time, as the network sees them: `image` (the R2 cache's global and region arrays: the vision
+tokens of the r2 experiments), `image_lita` (the same from the LITA cache: uniform slices), `mask` (the
+mask-pooled and mask-grid arrays: the mask and spatial tokens) or `attributes` (the numbers the attribute
+text states). Which part carries a class is then read off per group (`ceiling_by_inputs`): a class that
+only one group reaches is carried by that prompt part alone.
+
 `--train-fit` scores the model on its own training volumes the same way (generated here): a low value
 means the model underfits the demo, so more data alone would not help.
 
@@ -185,12 +192,13 @@ def _cv_f1(a: np.ndarray, y: np.ndarray, learner: str, folds: list[np.ndarray]) 
     return _f1(pred, y)
 
 
-def _feature_store(results: Path):
+def _feature_store(results: Path, pooling: str = "r2"):
     from pipeline.feature_store import FeatureStore
 
-    shards = model_inputs(results)[0]
+    shards = model_inputs(results, pooling)[0]
     if not shards:
-        sys.exit(f"{results}: no features/*-r2/shard-*.zarr (run the demo through its features stage first)")
+        sys.exit(f"{results}: no features/*-{pooling}/shard-*.zarr (run the demo through its features stage "
+                 f"first{'; a lita cache is built when an experiment uses lita pooling' if pooling == 'lita' else ''})")
     return FeatureStore(shards)
 
 
@@ -202,6 +210,34 @@ def _feature_groups(store, volume_ids: list[str]) -> dict[str, np.ndarray]:
         for k in feats:
             feats[k].append(np.asarray(f[k], np.float32).ravel())
     return {k: np.stack(v) for k, v in feats.items()}
+
+
+# `--inputs`: the prompt parts, each as the cached arrays (or attribute numbers) it is made from
+INPUT_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "image": ("r2", ("global", "region")),
+    "image_lita": ("lita", ("global", "region")),
+    "mask": ("r2", ("mask_pooled", "mask_grid")),
+    "attributes": ("", ("attributes",)),
+}
+
+
+def input_groups(results: Path, volume_ids: list[str], inputs: str | None = None) -> dict[str, np.ndarray]:
+    """The ceiling's / probe's inputs, one row per volume: without `inputs` every cached r2 array and the
+    attribute numbers; with `inputs` (a key of INPUT_GROUPS) only that prompt part's arrays, each alone
+    and, where there are several, side by side (`<inputs> (all)`)."""
+    if inputs is None:
+        groups = _feature_groups(_feature_store(results), volume_ids)
+        groups["attributes"] = _attribute_numbers(results, volume_ids)
+        return groups
+    if inputs not in INPUT_GROUPS:
+        sys.exit(f"--inputs: {inputs!r} is not one of {list(INPUT_GROUPS)}")
+    pooling, arrays = INPUT_GROUPS[inputs]
+    if arrays == ("attributes",):
+        return {"attributes": _attribute_numbers(results, volume_ids)}
+    feats = _feature_groups(_feature_store(results, pooling), volume_ids)
+    groups = {f"{k} ({pooling})": feats[k] for k in arrays}
+    groups[f"{inputs} (all)"] = np.hstack([feats[k] for k in arrays])
+    return groups
 
 
 def _attribute_frame(results: Path, volume_ids: list[str]) -> pd.DataFrame:
@@ -269,12 +305,15 @@ def errors(results: Path, experiment: str = "full") -> dict:
     return {"train_volumes": len(train), "test_volumes": len(test), "per_class": out}
 
 
-def probe(results: Path) -> dict:
-    store = _feature_store(results)
+def probe(results: Path, inputs: str | None = None) -> dict:
+    """Cross-validated ridge F1 per planted class on each cached array (or, with `inputs`, on that
+    prompt part's arrays; see `input_groups`)."""
+    store = _feature_store(results, "lita" if inputs == "image_lita" else "r2")
     reps = pd.concat(pd.read_parquet(results / "reports" / f"{s}.parquet") for s in ("train", "validation", "test"))
     reps = reps[reps["volume_id"].isin(set(store.volume_ids))]
     y_all = label_reports(reps["findings"].tolist())
-    x = _feature_groups(store, reps["volume_id"].tolist())
+    ids = reps["volume_id"].astype(str).tolist()
+    x = _feature_groups(store, ids) if inputs is None else input_groups(results, ids, inputs)
     rng = np.random.default_rng(0)
     n = len(reps)
     folds = np.array_split(rng.permutation(n), 4)
@@ -287,10 +326,10 @@ def probe(results: Path) -> dict:
         out[c] = {"positives": int(y.sum()), "chance_f1": round(float(2 * prev / (1 + prev)), 3),
                   **{k: round(max(_cv_f1(a, y, f"ridge {lam:g}", folds) for lam in LAMBDAS), 3)
                      for k, a in x.items()}}
-    return {"volumes": n, "per_class": out}
+    return {"volumes": n, "inputs": inputs or "every cached array", "per_class": out}
 
 
-def ceiling(results: Path) -> dict:
+def ceiling(results: Path, inputs: str | None = None) -> dict:
     """What the model's inputs let a simple classifier reach on the test split, per planted class.
 
     For each class a kernel-ridge classifier (3 strengths) or a one-input threshold is fitted on the
@@ -298,16 +337,17 @@ def ceiling(results: Path) -> dict:
     and learner are chosen by 4-fold cross-validation on the training split alone. The chosen
     predictions are scored on the test split by the evaluate stage's `clinical_scores`, macro over the
     planted classes with test support, as the model is. Also given: the best test F1 over every group
-    and learner (chosen with hindsight, an optimistic reference).
+    and learner (chosen with hindsight, an optimistic reference). With `inputs` only that prompt part's
+    arrays are offered (`input_groups`): what the part alone carries.
     """
     train = pd.read_parquet(results / "reports" / "train.parquet")
     test = pd.read_parquet(results / "reports" / "test.parquet")
     ids_tr, ids_te = train["volume_id"].astype(str).tolist(), test["volume_id"].astype(str).tolist()
     y_tr_all, y_te_all = label_reports(train["findings"].tolist()), label_reports(test["findings"].tolist())
     # every input read once for both splits, then split by row
-    groups = _feature_groups(_feature_store(results), ids_tr + ids_te)
-    groups["attributes"] = _attribute_numbers(results, ids_tr + ids_te)
-    groups["all"] = np.hstack(list(groups.values()))
+    groups = input_groups(results, ids_tr + ids_te, inputs)
+    if inputs is None:
+        groups["all"] = np.hstack(list(groups.values()))
     n_tr = len(ids_tr)
     folds = np.array_split(np.random.default_rng(0).permutation(n_tr), 4)
     chosen_pred = np.zeros_like(y_te_all)  # classes without a learner (too few positives) predict none
@@ -328,7 +368,7 @@ def ceiling(results: Path) -> dict:
     macro, used = macro_over(scores, PLANTED)
     per_class = {c: {"test_support": scores["per_class"][c]["support"],
                      "f1_cv_chosen": round(scores["per_class"][c]["f1"], 3), **details[c]} for c in used}
-    return {"train_volumes": n_tr, "test_volumes": len(ids_te), "classes_scored": used,
+    return {"train_volumes": n_tr, "test_volumes": len(ids_te), "inputs": inputs or "all", "classes_scored": used,
             "macro_f1_cv_chosen": None if macro is None else round(macro, 3),
             "macro_f1_hindsight": round(float(np.mean([v["f1_hindsight"] for v in per_class.values()])), 3)
             if per_class else None,
@@ -487,6 +527,19 @@ def slot_control(results: Path, finding: str, mask: str, experiment: str = "full
             "f1_train": out["train"], "f1_test": out["test"], "wall_s": round(time.perf_counter() - t0, 1)}
 
 
+def print_ceiling_by_inputs(by_inputs: dict[str, dict]) -> None:
+    """One line per planted class: its test F1 from each prompt part alone (learner chosen on the
+    training split)."""
+    groups = list(by_inputs)
+    classes = sorted({c for r in by_inputs.values() for c in r["per_class"]}, key=PLANTED.index)
+    print("test F1 per prompt part alone (learner chosen on the training split):")
+    print(f"{'class':<22}" + "".join(f"{g:>12}" for g in groups))
+    for c in classes:
+        cells = [by_inputs[g]["per_class"].get(c, {}).get("f1_cv_chosen") for g in groups]
+        print(f"{c:<22}" + "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in cells))
+    print(f"{'macro':<22}" + "".join(f"{by_inputs[g]['macro_f1_cv_chosen'] or 0:>12.3f}" for g in groups))
+
+
 def run_demo(workdir: Path, configfiles: list[str], cores: int) -> float:
     # the target goes before --configfile, which takes every argument after it
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", str(cores),
@@ -511,6 +564,9 @@ def main(argv=None) -> int:
                     help="also measure how much the trained model's loss depends on the image features")
     ap.add_argument("--ceiling", action="store_true",
                     help="also fit simple classifiers on the training split's inputs and score them on the test split")
+    ap.add_argument("--inputs", action="append", choices=list(INPUT_GROUPS), default=[],
+                    help="restrict --ceiling / --probe to one prompt part (repeat for several, each on its "
+                         "own): image (R2 vision tokens), image_lita, mask (mask + spatial tokens), attributes")
     ap.add_argument("--train-fit", action="store_true",
                     help="also score the model on its own training volumes (does it fit them at all?)")
     ap.add_argument("--errors", action="store_true",
@@ -528,14 +584,23 @@ def main(argv=None) -> int:
         results = workdir / "results"
     else:
         results = args.results
-    res = score(results, args.experiment)
+    if args.inputs and not (args.ceiling or args.probe):
+        sys.exit("--inputs restricts --ceiling or --probe: give one of them")
+    if args.inputs and not (results / "experiments" / args.experiment / "predictions.parquet").exists():
+        res = {"results": str(results)}  # the inputs alone: a cohort run through its data stages
+    else:
+        res = score(results, args.experiment)
     if wall is not None:
         res["demo_workflow_wall_s"] = round(wall, 1)
-    if args.probe:
+    if args.probe and args.inputs:
+        res["probe_by_inputs"] = {g: probe(results, g) for g in args.inputs}
+    elif args.probe:
         res["probe"] = probe(results)
     if args.reliance:
         res["reliance"] = reliance(results, args.experiment)
-    if args.ceiling:
+    if args.ceiling and args.inputs:
+        res["ceiling_by_inputs"] = {g: ceiling(results, g) for g in args.inputs}
+    elif args.ceiling:
         res["ceiling"] = ceiling(results)
     if args.train_fit:
         res["train_fit"] = train_fit(results, args.experiment)
@@ -547,6 +612,12 @@ def main(argv=None) -> int:
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(res, indent=2))
+    if "ceiling_by_inputs" in res:
+        print_ceiling_by_inputs(res["ceiling_by_inputs"])
+    if "ca_f1_macro_planted" not in res:  # --inputs on a cohort without a trained model: no claim to check
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        return 0
     print(
         f"\nCA-F1 (macro over the {len(res['classes_scored'])} planted classes with test support, "
         f"{res['test_volumes']} test volumes): model {res['ca_f1_macro_planted']:.3f}, "
@@ -555,7 +626,7 @@ def main(argv=None) -> int:
         f"{res['share_of_those_pairs_with_different_reports']:.0%} of pairs with different findings differ"
         + (f"; demo workflow {wall / 60:.1f} min" if wall else "")
     )
-    if args.ceiling:
+    if "ceiling" in res:
         c = res["ceiling"]
         print(f"ceiling from the inputs ({c['train_volumes']} training volumes -> {c['test_volumes']} test): "
               f"CA-F1 {c['macro_f1_cv_chosen']:.3f} with learners chosen on the training split, "

@@ -110,3 +110,81 @@ def test_errors_names_the_prompt_number_and_what_the_misses_were_written_as(tmp_
     assert e["best_attribute"] in {"effusion_count", "largest_effusion_mm"} and e["auc_train"] == 1.0
     assert (e["test_positives"], e["found"], e["missed"], e["false_positives"]) == (3, 1, 2, 0)
     assert e["missed_written_as"] == {"Pericardial effusion": 2}
+
+
+def _made_up_results(tmp_path, n_train=40, n_test=20):
+    """A results folder with real feature shards (r2 and lita) and attribute / report tables in which
+    pleural effusion is carried by the attribute numbers alone (effusion_count) and cardiomegaly by
+    the mask arrays alone (a block of mask_grid), everything else noise."""
+    import pandas as pd
+
+    from pipeline.attributes import SCHEMA
+    from pipeline.feature_store import write_feature_shard
+
+    rng = np.random.default_rng(0)
+    n = n_train + n_test
+    ids = [f"v{i:03d}" for i in range(n)]
+    effusion = np.array([i % 3 == 0 for i in range(n)])
+    cardio = np.array([i % 4 == 1 for i in range(n)])
+    shapes = {"global": (4, 6), "region": (6, 6), "mask_pooled": (9, 2, 6), "mask_grid": (9, 2, 4, 4)}
+    arrays = {k: rng.normal(size=(n, *s)).astype(np.float16) for k, s in shapes.items()}
+    arrays["mask_grid"][cardio, 3] += 4.0
+    arrays["region_slices"] = np.zeros((n, 6), np.int16)
+    arrays["mask_present"] = np.ones((n, 9), bool)
+    for pooling in ("r2", "lita"):
+        write_feature_shard(tmp_path / "features" / f"demo-{pooling}" / "shard-0.zarr", ids, arrays,
+                            {"pooling": pooling})
+    rows = []
+    for i, vid in enumerate(ids):
+        row = {f.name: (float(rng.normal()) if f.name.endswith("_ml") else 0 if f.name.endswith("_count")
+                        else [] if f.name.endswith(("_mm", "_locations")) else True) for f in SCHEMA}
+        row.update(volume_id=vid, effusion_count=int(effusion[i]), effusion_diameters_mm=[5.0] * int(effusion[i]),
+                   prompt="p")
+        rows.append(row)
+    (tmp_path / "attributes").mkdir()
+    pd.DataFrame(rows).to_parquet(tmp_path / "attributes" / "shard-0.parquet")
+
+    def text(i):
+        parts = ["Pleural effusion is observed on the left." if effusion[i] else "No pleural effusion."]
+        parts.append("Cardiomegaly is present." if cardio[i] else "Heart size is normal.")
+        return " ".join(parts)
+
+    (tmp_path / "reports").mkdir()
+    for split, sl in (("train", slice(0, n_train)), ("test", slice(n_train, n))):
+        pd.DataFrame({"volume_id": ids[sl], "findings": [text(i) for i in range(n)[sl]]}).to_parquet(
+            tmp_path / "reports" / f"{split}.parquet")
+    pd.DataFrame({"volume_id": [], "findings": []}).to_parquet(tmp_path / "reports" / "validation.parquet")
+    return tmp_path
+
+
+def test_ceiling_by_inputs_finds_each_class_only_in_the_part_that_carries_it(tmp_path):
+    """`--ceiling --inputs`: effusion is read from the attribute numbers and not from the mask arrays,
+    cardiomegaly the other way round; the image groups carry neither."""
+    results = _made_up_results(tmp_path)
+    by = {g: dl.ceiling(results, g)["per_class"] for g in ("attributes", "mask", "image", "image_lita")}
+    assert by["attributes"]["Pleural effusion"]["f1_cv_chosen"] == 1.0
+    assert by["mask"]["Cardiomegaly"]["f1_cv_chosen"] == 1.0
+    assert by["attributes"]["Cardiomegaly"]["f1_cv_chosen"] < 0.7
+    assert by["mask"]["Pleural effusion"]["f1_cv_chosen"] < 0.7
+    for g in ("image", "image_lita"):
+        assert by[g]["Pleural effusion"]["f1_cv_chosen"] < 0.7 and by[g]["Cardiomegaly"]["f1_cv_chosen"] < 0.7
+    assert by["mask"]["Cardiomegaly"]["chosen"].endswith(("mask_grid (r2)", "mask (all)"))
+    assert by["image_lita"]["Cardiomegaly"]["chosen"].split(" on ")[1] in {"global (lita)", "region (lita)",
+                                                                         "image_lita (all)"}
+
+
+def test_inputs_option_runs_on_a_cohort_without_a_model_and_refuses_without_ceiling(tmp_path, capsys):
+    results = _made_up_results(tmp_path)
+    out = tmp_path / "ceiling.json"
+    assert dl.main(["--results", str(results), "--ceiling", "--inputs", "attributes", "--inputs", "mask",
+                    "--json", str(out)]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    assert set(res["ceiling_by_inputs"]) == {"attributes", "mask"}
+    printed = capsys.readouterr().out
+    assert "test F1 per prompt part alone" in printed and "Cardiomegaly" in printed
+    with pytest.raises(SystemExit, match="restricts --ceiling or --probe"):
+        dl.main(["--results", str(results), "--inputs", "mask"])
+    with pytest.raises(SystemExit, match="no features/\\*-lita"):
+        dl.input_groups(tmp_path / "nowhere", ["v000"], "image_lita")
