@@ -198,6 +198,18 @@ def evaluate(
     }
 
 
+def outcome_blocks(predictions: Path, references: Path, skipped_qc: list[Path]) -> dict:
+    """metrics.json's `skipped` block (volumes the data stages skipped, `pipeline.skipped`) and its
+    `degenerate` block (`pipeline.evaluate.degenerate`)."""
+    from pipeline.evaluate.degenerate import degenerate_block
+    from pipeline.evaluate.inputs import read_table
+    from pipeline.skipped import skipped_volumes
+
+    skipped = skipped_volumes(skipped_qc).block(read_table(references)["volume_id"].astype(str))
+    return {"skipped": skipped, "n_skipped_volumes": skipped["n_volumes"],
+            "degenerate": degenerate_block(read_table(predictions))}
+
+
 def _fmt(x: Any) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -227,6 +239,10 @@ def summary(metrics: dict) -> str:
     gold = metrics["clinical"].get("labeler_vs_reference_labels")
     if gold:
         lines.append(f"  F1 labeler(report) vs reference labels: macro {_fmt(gold['macro_f1'])}")
+    for key in ("skipped", "degenerate"):
+        if key in metrics:
+            b = metrics[key]
+            lines.append(f"  {key}: " + (b["note"] if key == "degenerate" else f"{b['n_volumes']} volume(s) {b['by_stage']}"))
     for name in ("green", "judge"):
         b = metrics.get(name) or {}
         lines.append(f"  {name}: {_val(b)}" + (f" ({b.get('reason')})" if b.get("reason") else ""))
@@ -254,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--green", type=Path, default=None, help="green.json from python -m pipeline.evaluate.green")
     ap.add_argument("--judge", type=Path, default=None, help="judge.json from python -m pipeline.evaluate.judge")
     ap.add_argument("--java", default=None, help="Java executable for the METEOR jar (default $MEDREGION_JAVA/java)")
+    ap.add_argument("--skipped-qc", nargs="*", default=[], type=Path,
+                    help="QC tables of the data stages: their skipped volumes are counted in metrics.json")
     args = ap.parse_args(argv)
     t0 = time.time()
     try:
@@ -265,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     green = load_adapter_result(args.green, "GREEN", "green")
     judge = load_adapter_result(args.judge, "LLM judge", "judge")
     metrics = evaluate(pairs, None, args.experiment, labeler=labeler, java=args.java, green=green, judge=judge)
+    metrics.update(outcome_blocks(args.predictions, args.references, args.skipped_qc))
     timings = metrics.pop("timings_s", {})  # run-time measurements: the log, not the results file
     write_json_atomic(metrics, args.out)
     print(summary(metrics))

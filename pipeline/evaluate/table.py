@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.constants import CTRATE_CLASSES
+from pipeline.evaluate.degenerate import MARKER, is_marked, table_columns, table_note
 
 NOT_RUN = "not run"
 NA = "n/a"
@@ -87,6 +88,7 @@ def row_from_metrics(m: dict) -> tuple[dict, dict]:
         row[col] = cell
         if imp:
             impl[col] = imp
+    row.update(table_columns(m))  # degenerate fraction, and the mark of a mostly degenerate experiment
     return row, impl
 
 
@@ -108,7 +110,8 @@ def build_table(metrics: list[Path] | list[dict]) -> tuple[pd.DataFrame, dict[st
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"duplicate experiment names: {dup}")
-    return pd.DataFrame(rows, columns=["experiment", "n_volumes", *COLUMNS]), impls, loaded
+    columns = ["experiment", "n_volumes", *COLUMNS, "degenerate fraction", MARKER]
+    return pd.DataFrame(rows, columns=columns), impls, loaded
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -125,8 +128,10 @@ def _markdown(df: pd.DataFrame, impls: dict[str, str]) -> str:
     lines = [head, sep]
     for _, r in df.iterrows():
         cells = [_fmt(r[c], 1 if c.startswith("Judge") else 3) for c in COLUMNS]
-        lines.append(f"| {r['experiment']} | {int(r['n_volumes'])} | " + " | ".join(cells) + " |")
-    lines += ["", "Implementations (corpus = statistics pooled over all reports; report-mean = mean of per-report scores):", ""]
+        mark = f" (*{MARKER}*)" if is_marked(r.get(MARKER)) else ""
+        lines.append(f"| {r['experiment']}{mark} | {int(r['n_volumes'])} | " + " | ".join(cells) + " |")
+    note = table_note(df)
+    lines += (["", note] if note else []) + ["", "Implementations (corpus = statistics pooled over all reports; report-mean = mean of per-report scores):", ""]
     for col in COLUMNS:
         lines.append(f"- **{col}**: {impls.get(col, NOT_RUN + ' in every experiment')}")
     return "\n".join(lines) + "\n"
