@@ -20,6 +20,7 @@ from model.prompt import (
     IGNORE_INDEX,
     build_example,
     build_prompt_text,
+    end_of_turn_id,
     format_target,
     wrap_prompt,
 )
@@ -137,9 +138,9 @@ class ReportDataset(Dataset):
             rows = reports.to_dict("records")
             targets = [format_target(r, stage) for r in rows]
             tenc = tokenizer(targets, add_special_tokens=False)["input_ids"] if ids else []
-            eos = tokenizer.eos_token_id
+            eot = end_of_turn_id(tokenizer)  # the chat template's end-of-turn token, else EOS
             for vid, p, t in zip(ids, prompt_ids, tenc):
-                target = list(t) + ([eos] if eos is not None else [])
+                target = list(t) + ([eot] if eot is not None else [])
                 inp, _ = build_example(p, target, max_length)
                 if len(inp) - len(p) < len(target):
                     self.n_truncated += 1

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.prompt import IGNORE_INDEX, IMG_TOKEN, MASK_TOKEN, PLACEHOLDER_TOKENS, POS_TOKEN
+from model.prompt import IGNORE_INDEX, IMG_TOKEN, MASK_TOKEN, PLACEHOLDER_TOKENS, POS_TOKEN, end_of_turn_id
 
 CONFIG_NAME = "medregion_config.json"
 WEIGHTS_NAME = "connector_mask.safetensors"
@@ -61,6 +61,10 @@ class MedRegionCTConfig:
     lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = LORA_TARGETS
     max_length: int = 2048
+    # rows of the placeholder tokens when they grow the vocabulary: "zero" (the demo's, and what folders
+    # saved before this field hold) or "mean" of the existing rows (a pretrained LM: its output
+    # distribution is not disturbed by three new logits; Hewitt 2021, "Initializing new word embeddings")
+    new_token_init: str = "zero"
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance
 
     @property
@@ -81,6 +85,8 @@ class MedRegionCTConfig:
             raise ValueError(f"connector must be 'linear' or 'mlp', got {self.connector!r}")
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
+        if self.new_token_init not in ("zero", "mean"):
+            raise ValueError(f"new_token_init must be 'zero' or 'mean', got {self.new_token_init!r}")
         self.mask_grid = tuple(int(x) for x in self.mask_grid)
         self.lora_targets = tuple(self.lora_targets)
 
@@ -228,6 +234,9 @@ class MedRegionCT(nn.Module):
         self.tokenizer = tokenizer
         self._add_placeholder_tokens(llm)
         self.llm = llm
+        # training loss: the LM head only on the positions that predict a target token (the prompt's
+        # several hundred positions x vocabulary logits are never used); False: the LM's own loss
+        self.logits_on_targets = True
         hidden = llm.get_input_embeddings().embedding_dim
         config.llm_hidden = hidden
         self.connector = Connector(config.encoder_hidden, hidden, config.connector, config.feature_norm)
@@ -247,10 +256,12 @@ class MedRegionCT(nn.Module):
     # --- construction ---------------------------------------------------------------------------
 
     def _add_placeholder_tokens(self, llm: nn.Module) -> None:
-        """Add <img>, <mask>, <pos> as special tokens; grow the embeddings with zero rows if needed.
+        """Add <img>, <mask>, <pos> as special tokens; grow the embeddings if needed.
 
-        The rows' values never reach the LM's input (the splice overwrites them) and zero output rows
-        keep the model deterministic across save/load; generation also suppresses these ids.
+        New rows are zero or the mean of the existing rows (`config.new_token_init`), computed, not
+        sampled, so a reload rebuilds the same rows (the adapter is saved without embedding layers).
+        The input rows never reach the LM (the splice overwrites them); generation suppresses these ids.
+        A tied LM (input and output share one matrix) stays tied: checked, not assumed.
         """
         tok = self.tokenizer
         missing = [t for t in PLACEHOLDER_TOKENS if t not in tok.get_vocab()]
@@ -259,15 +270,22 @@ class MedRegionCT(nn.Module):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         old = llm.get_input_embeddings().num_embeddings
-        if len(tok) > old:
-            llm.resize_token_embeddings(len(tok), mean_resizing=False)
-            with torch.no_grad():
-                llm.get_input_embeddings().weight[old:].zero_()
-                out = llm.get_output_embeddings()
-                if out is not None:
-                    out.weight[old:].zero_()
-                    if getattr(out, "bias", None) is not None:
-                        out.bias[old:].zero_()
+        if len(tok) <= old:
+            return
+        llm.resize_token_embeddings(len(tok), mean_resizing=False)
+        inp, out = llm.get_input_embeddings(), llm.get_output_embeddings()
+        tied = bool(getattr(llm.config, "tie_word_embeddings", False)) and out is not None
+        if tied and out.weight is not inp.weight:
+            raise ValueError(
+                f"{self.config.llm_path}: the LM ties its input and output embeddings, but after adding "
+                f"{len(tok) - old} placeholder tokens they are separate matrices"
+            )
+        mean = self.config.new_token_init == "mean"
+        with torch.no_grad():
+            for w in [inp.weight] + ([out.weight] if out is not None and not tied else []):
+                w[old:] = w[:old].mean(dim=0, keepdim=True) if mean else 0.0
+            if out is not None and getattr(out, "bias", None) is not None:
+                out.bias[old:] = out.bias[:old].mean() if mean else 0.0
 
     @classmethod
     def from_config(cls, config: MedRegionCTConfig, dtype: torch.dtype | None = None) -> MedRegionCT:
@@ -282,6 +300,7 @@ class MedRegionCT(nn.Module):
     def add_lora(self) -> None:
         from peft import LoraConfig, get_peft_model
 
+        self.check_lora_targets()
         lora = LoraConfig(
             r=self.config.lora_r,
             lora_alpha=self.config.lora_alpha,
@@ -291,6 +310,17 @@ class MedRegionCT(nn.Module):
             task_type="CAUSAL_LM",
         )
         self.llm = get_peft_model(self.llm, lora)
+
+    def check_lora_targets(self) -> None:
+        """Every configured LoRA target must name a linear layer of the LM (by its last name part, as
+        PEFT matches); the error lists the missing names and the linear layer names the LM has."""
+        names = {n.rsplit(".", 1)[-1] for n, m in self.llm.named_modules() if isinstance(m, nn.Linear)}
+        missing = [t for t in self.config.lora_targets if t not in names]
+        if missing:
+            raise ValueError(
+                f"{self.config.llm_path}: LoRA target module(s) {missing} not found in "
+                f"{type(self.llm).__name__}; its linear layers are {sorted(names)}"
+            )
 
     @property
     def has_lora(self) -> bool:
@@ -387,7 +417,28 @@ class MedRegionCT(nn.Module):
         embeds = self.build_inputs_embeds(input_ids, vision, mask_pooled, mask_grid)
         if labels is not None:  # never learn to predict a placeholder
             labels = labels.masked_fill(self.placeholder_mask(input_ids), IGNORE_INDEX)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        if labels is None or not self.logits_on_targets:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        return self._loss_on_targets(embeds, attention_mask, labels)
+
+    def _loss_on_targets(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        """The LM's causal loss with logits only where some row of the batch predicts a target token.
+
+        Position p predicts token p + 1; `logits_to_keep` (a 1-D index tensor) makes the LM head run on
+        those positions only. The loss is the mean cross-entropy over the non-ignored targets, what
+        transformers' causal-LM loss computes on all positions. Returned `logits` are those positions'.
+        """
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        shifted = labels[:, 1:]
+        keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
+        logits = out.logits
+        targets = shifted[:, keep]
+        loss = nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(
@@ -404,6 +455,23 @@ class MedRegionCT(nn.Module):
         Greedy by default; `num_beams > 1` is beam search, `do_sample=True` samples (temperature, top_p;
         seed the global RNG for repeatable samples).
         """
+        out = self.generate_ids(batch, max_new_tokens, num_beams, do_sample, temperature, top_p)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        batch: dict[str, Any],
+        max_new_tokens: int = 256,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> torch.Tensor:
+        """The new token ids of `generate` (B, <= max_new_tokens), padded after a row's stop token.
+
+        A row stops at the chat template's end-of-turn token (`model.prompt.end_of_turn_id`) or EOS.
+        """
         input_ids = batch["input_ids"]
         if input_ids.shape[0] > 1 and bool((batch["attention_mask"][:, -1] == 0).any()):
             raise ValueError("generate needs a left-padded batch")
@@ -417,7 +485,8 @@ class MedRegionCT(nn.Module):
             None if batch.get("mask_grid") is None else batch["mask_grid"].to(device),
         )
         tok = self.tokenizer
-        out = self.llm.generate(
+        stop = [t for t in dict.fromkeys([end_of_turn_id(tok), tok.eos_token_id]) if t is not None]
+        return self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
@@ -425,12 +494,10 @@ class MedRegionCT(nn.Module):
             num_beams=num_beams,
             **({"temperature": temperature, "top_p": top_p} if do_sample else {}),
             pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stop[0] if len(stop) == 1 else stop,
             suppress_tokens=[self.img_token_id, self.mask_token_id, self.pos_token_id],
             use_cache=True,
-        )
-        # decoder-only generate on inputs_embeds returns only the new tokens
-        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+        )  # decoder-only generate on inputs_embeds returns only the new tokens
 
     # --- persistence ----------------------------------------------------------------------------
 
@@ -519,12 +586,32 @@ def load_llm(path: str, dtype: torch.dtype | None = None):
     """Base causal LM + tokenizer from a local folder (or hub id when online); never remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_llm_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs: dict[str, Any] = {"use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return llm, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_llm_folder(path: str) -> None:
+    """A local LM folder must hold a model config and a tokenizer; the error says what is missing
+    (transformers' own errors for these cases do not name the folder's problem)."""
+    p = Path(path)
+    if not p.is_dir():
+        return  # a hub id (online only), left to transformers
+    ggufs = sorted(x.name for x in p.glob("*.gguf"))
+    hint = f"; it holds {ggufs[0]}: set llm.gguf to convert it (model.gguf_import)" if ggufs else ""
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: no config.json, not a Hugging Face model folder{hint}")
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{p}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the LM's tokenizer into the folder{hint}"
+        )
 
 
 def _portable_path(llm_path: str, out_dir: Path) -> str:

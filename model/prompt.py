@@ -15,6 +15,7 @@ part only; stage 2 adds mask tokens and attribute text unless an ablation switch
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 
@@ -25,6 +26,8 @@ MASK_TOKEN = "<mask>"
 POS_TOKEN = "<pos>"
 PLACEHOLDER_TOKENS: tuple[str, ...] = (IMG_TOKEN, MASK_TOKEN, POS_TOKEN)
 IGNORE_INDEX = -100
+
+log = logging.getLogger(__name__)
 
 # How each token mask is named in the prompt (paper Fig. 5: "lung<region1>, airway<region2>, ...").
 MASK_PROMPT_NAMES: dict[str, str] = {
@@ -121,10 +124,12 @@ def merge_regions(region_texts: Mapping[str, str]) -> str:
 
 
 def wrap_prompt(tokenizer, prompt_text: str) -> tuple[str, bool]:
-    """Put the prompt into the tokenizer's chat template when it has one (real LLaMA-3 instruct).
+    """Put the prompt into the tokenizer's chat template when it has one (a real instruct LM).
 
     Returns (text, has_bos): `has_bos` tells whether the text already starts with the template's BOS.
-    Without a template the prompt is followed by a newline and the answer starts right after it.
+    The template renders the user turn and opens the assistant turn (`add_generation_prompt`), so the
+    answer tokens follow directly. Without a template the prompt is followed by a newline and the
+    answer starts right after it; that fallback is logged once per tokenizer.
     """
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
@@ -132,7 +137,37 @@ def wrap_prompt(tokenizer, prompt_text: str) -> tuple[str, bool]:
         )
         bos = tokenizer.bos_token
         return text, bool(bos) and text.startswith(bos)
+    name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    if name not in _PLAIN_PROMPT_LOGGED:
+        _PLAIN_PROMPT_LOGGED.add(name)
+        log.info("tokenizer %s has no chat template: plain prompt, the answer follows a newline", name)
     return prompt_text + "\n", False
+
+
+_PLAIN_PROMPT_LOGGED: set[str] = set()
+_TURN_MARK = "\u2063ANSWER\u2063"  # an answer text no template alters
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token that closes the assistant's turn: what the answer must end with and what stops generation.
+
+    With a chat template it is the first token the template writes after the assistant's content
+    (ChatML's `<|im_end|>`, LLaMA-3's `<|eot_id|>`), which need not be the tokenizer's EOS; without a
+    template, or when the template writes nothing after the content, the EOS.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": _TURN_MARK}], tokenize=False
+            )
+        except Exception:  # a template that refuses this conversation: fall back to EOS
+            text = ""
+        if _TURN_MARK in text:
+            after = text.split(_TURN_MARK, 1)[1]
+            ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+            if ids:
+                return int(ids[0])
+    return tokenizer.eos_token_id
 
 
 def encode_prompt(tokenizer, prompt_text: str) -> list[int]:
@@ -146,10 +181,11 @@ def encode_prompt(tokenizer, prompt_text: str) -> list[int]:
 
 
 def encode_target(tokenizer, target_text: str) -> list[int]:
-    """Answer ids followed by EOS (the model learns to stop)."""
+    """Answer ids followed by the end-of-turn token (the model learns to stop; see `end_of_turn_id`)."""
     ids = list(tokenizer(target_text, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
+    eot = end_of_turn_id(tokenizer)
+    if eot is not None:
+        ids.append(eot)
     return ids
 
 

@@ -54,7 +54,9 @@ DEFAULTS = {
     "lora_dropout": 0.1,
     "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "pooling": "r2",
-    "gradient_checkpointing": False,
+    "gradient_checkpointing": False,  # GPU only: on CPU it is skipped (recomputation costs time, memory is not short)
+    "logits_on_targets": True,  # LM head only on target positions (same loss, less CPU time: benchmarks/train_logits.py)
+    "new_token_init": "zero",  # placeholder rows: "zero" (demo) or "mean" (a pretrained LM, config/smollm2.yaml)
     "llm_dtype": "auto",  # auto: bf16 weights when the accelerate config says bf16, else fp32
     "checkpoint_every": 500,  # optimizer steps; 0 = no intermediate checkpoints
     "keep_checkpoints": 2,
@@ -93,7 +95,8 @@ def parse_args(argv=None):
 
 
 # Parameters that change how a run is carried out, not what it computes: a resumed run may change them.
-RUNTIME_PARAMS = ("log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "stop_after_steps")
+RUNTIME_PARAMS = ("log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "stop_after_steps",
+                  "logits_on_targets")
 
 
 def experiment_identity(params: dict, network: dict, args, train_ids: list[str], num_processes: int) -> dict:
@@ -184,6 +187,7 @@ def network_config(store, p: dict, llm: str, stage: int):
         lora_dropout=p["lora_dropout"],
         lora_targets=tuple(p["lora_targets"]),
         max_length=p["max_length"],
+        new_token_init=p["new_token_init"],
         extra={"features": {k: v for k, v in store.attrs.items() if isinstance(v, (str, int, float, bool))}},
     )
 
@@ -321,7 +325,10 @@ def main(argv=None) -> int:
         )
         if not loaded:
             raise SystemExit(f"{args.init}: no connector weights in {WEIGHTS_NAME}")
-    if p["gradient_checkpointing"]:
+    model.logits_on_targets = bool(p["logits_on_targets"])
+    if p["gradient_checkpointing"] and accelerator.device.type == "cpu":
+        accelerator.print("gradient_checkpointing skipped on CPU: recomputing activations costs time, memory is not short")
+    elif p["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
     n_train = sum(x.numel() for x in model.parameters() if x.requires_grad)
     n_all = sum(x.numel() for x in model.parameters())
