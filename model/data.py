@@ -2,12 +2,16 @@
 
 Token ids are computed once at construction (fast tokenizer, batched) and kept as int32 arrays, so
 lengths are known up front for the length-grouped sampler and `__getitem__` only reads features.
+
+Volumes a data stage skipped (`on_error: skip`, recorded in its QC table; `pipeline.skipped`) are left
+out when passed as `skipped`; any other report volume without cached features or an attribute row is an
+error naming it, so data is never dropped silently.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +47,7 @@ def read_parquets(paths: Sequence[str | Path], columns: Sequence[str] | None = N
 
 def _missing_error(what: str, missing: list[str], n: int) -> ValueError:
     shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
-    return ValueError(f"{len(missing)} of {n} report volume(s) have no {what}: {shown}")
+    return ValueError(f"{len(missing)} of {n} report volume(s) have no {what} and no QC record of a skip: {shown}")
 
 
 class ReportDataset(Dataset):
@@ -52,7 +56,8 @@ class ReportDataset(Dataset):
     `with_targets=False` builds prompt-only items (generation). With targets, a row whose target text
     is empty (stage 1: no findings; stage 2: all six region texts empty) is left out and counted in
     `n_empty_targets` (learning to stop at once teaches nothing); a target cut at `max_length` is kept
-    up to the cut (no EOS) and counted in `n_truncated`. The prompt is never cut.
+    up to the cut (no EOS) and counted in `n_truncated`. The prompt is never cut. Report rows of the
+    volumes in `skipped` (skipped by a data stage) are left out first and listed in `skipped_ids`.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class ReportDataset(Dataset):
         n_vision: int = 356,
         max_length: int = 2048,
         with_targets: bool = True,
+        skipped: Collection[str] = (),
     ):
         self.store = store
         self.stage = stage
@@ -77,6 +83,12 @@ class ReportDataset(Dataset):
         ids = [str(v) for v in reports["volume_id"]]
         if len(set(ids)) != len(ids):
             raise ValueError("duplicate volume_id in the reports")
+        skipped = {str(v) for v in skipped}
+        self.skipped_ids = [v for v in ids if v in skipped]
+        if self.skipped_ids:
+            kept_rows = [i for i, v in enumerate(ids) if v not in skipped]
+            ids = [ids[i] for i in kept_rows]
+            reports = reports.iloc[kept_rows]
         missing = [v for v in ids if v not in store]
         if missing:
             raise _missing_error("cached features", missing, len(ids))
@@ -318,6 +330,7 @@ def build_dataset(
     max_length: int = 2048,
     with_targets: bool = True,
     store: FeatureStore | None = None,
+    skipped: Collection[str] = (),
 ) -> ReportDataset:
     store = store if store is not None else FeatureStore(features)
     rep = read_parquets([reports])
@@ -342,6 +355,7 @@ def build_dataset(
         n_vision=n_vision,
         max_length=max_length,
         with_targets=with_targets,
+        skipped=skipped,
     )
 
 

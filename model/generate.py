@@ -6,7 +6,8 @@
 
 Greedy by default; `--num-beams N` for beam search, `--do-sample` (with `--temperature`, `--top-p`,
 `--seed`) for sampling. Output parquet: volume_id, the six region columns, `report` (non-empty region
-texts merged in region order) and `raw` (the generated text). Written to a temporary name and renamed
+texts merged in region order), `raw` (the generated text) and the degenerate-output columns
+(`pipeline.evaluate.degenerate`: empty / duplicated / repeated sections, `degenerate`). Written to a temporary name and renamed
 into place. A section that is missing from the generated text is an empty region text; the log counts
 them per region, and counts texts with no section header at all and sections written more than once.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -69,6 +71,7 @@ def predict(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    skipped: Collection[str] = (),
 ):
     import pandas as pd
 
@@ -91,6 +94,7 @@ def predict(
         n_vision=cfg.n_vision,
         max_length=cfg.max_length,
         with_targets=False,
+        skipped=skipped,
     )
     torch.manual_seed(seed)
     raw = generate_texts(
@@ -138,7 +142,11 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="RNG seed for sampling")
+    ap.add_argument("--skipped-qc", nargs="*", default=[],
+                    help="QC tables of the data stages: the volumes they skipped get no prediction (pipeline.skipped)")
     args = ap.parse_args(argv)
+    from pipeline.skipped import skipped_volumes
+
     df = predict(
         args.model,
         args.features,
@@ -152,7 +160,11 @@ def main(argv=None) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        skipped=skipped_volumes(args.skipped_qc).ids,
     )
+    from pipeline.evaluate.degenerate import degeneracy_columns, degenerate_block
+
+    df = df.join(degeneracy_columns(df))  # empty / duplicated / repeated sections and the flag, per volume
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -160,7 +172,7 @@ def main(argv=None) -> int:
     os.replace(tmp, out)
     import json
 
-    print(json.dumps({"sections": section_counts(df)}), file=sys.stderr)
+    print(json.dumps({"sections": section_counts(df), "degenerate": degenerate_block(df)["note"]}), file=sys.stderr)
     print(f"{len(df)} predictions written to {out}")
     return 0
 

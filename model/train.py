@@ -81,6 +81,8 @@ def parse_args(argv=None):
     ap.add_argument("--attributes", nargs="*", default=[], help="attribute parquet(s) with volume_id, prompt")
     ap.add_argument("--train-reports", required=True)
     ap.add_argument("--val-reports", required=True)
+    ap.add_argument("--skipped-qc", nargs="*", default=[],
+                    help="QC tables of the data stages: the volumes they skipped are left out (pipeline.skipped)")
     ap.add_argument("--llm", required=True, help="base causal LM folder (or hub id)")
     ap.add_argument("--init", default=None, help="stage-1 output folder whose connector starts stage 2")
     ap.add_argument("--out", required=True)
@@ -334,6 +336,10 @@ def main(argv=None) -> int:
     n_all = sum(x.numel() for x in model.parameters())
 
     # ---- data --------------------------------------------------------------------------------
+    from pipeline.skipped import skipped_volumes
+
+    skipped = skipped_volumes(args.skipped_qc).ids  # on_error: skip; any other missing volume is an error
+
     def dataset(reports, with_targets=True):
         return build_dataset(
             args.features,
@@ -347,6 +353,7 @@ def main(argv=None) -> int:
             max_length=p["max_length"],
             with_targets=with_targets,
             store=store,
+            skipped=skipped,
         )
 
     train_ds, val_ds = dataset(args.train_reports), dataset(args.val_reports)

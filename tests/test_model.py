@@ -778,7 +778,8 @@ def test_generate_cli_writes_predictions(tiny, trained, tmp_path):
         3,
     )
     df = pd.read_parquet(out)
-    assert list(df.columns) == ["volume_id", *REGIONS, "report", "raw"]
+    assert list(df.columns) == ["volume_id", *REGIONS, "report", "raw",
+                                "empty_sections", "duplicated_sections", "repeated_sections", "degenerate"]
     assert df["volume_id"].tolist() == pd.read_parquet(tiny / "val.parquet")["volume_id"].tolist()
     for _, row in df.iterrows():
         assert row["report"] == merge_regions(parse_structured(row["raw"]))
