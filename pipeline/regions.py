@@ -506,7 +506,7 @@ class _Merger:
 
     # -- a label map --
     def add_labelmap(self, path: Path, lut: np.ndarray) -> tuple[bool, list[int]]:
-        """Merge a label map through `lut` (class id -> channel word); returns (resampled, unknown ids)."""
+        """Merge a label map through `lut` (class id -> channel word); returns (resampled, ids present)."""
         self._labelmap = True
         flat, resampled, _ = self._mask_voxels(path)
         if flat.dtype.kind == "f":
@@ -520,7 +520,6 @@ class _Merger:
             present = np.flatnonzero(np.bincount(flat.astype(np.intp, copy=False), minlength=top + 1))
         else:  # a huge class id: no table of that size (a corrupt or foreign label map)
             present = np.unique(flat)
-        unknown = [int(i) for i in present if i != 0 and (i >= lut.size or lut[i] == 0)]
         if top < lut.size:
             words = lut[flat].reshape(self.grid.shape)
         else:  # ids beyond the table map to no channel
@@ -532,7 +531,7 @@ class _Merger:
             if byte_plane.any():
                 np.bitwise_or(ws.planes[k], byte_plane, out=ws.planes[k])
                 ws.touched[k] = True
-        return resampled, unknown
+        return resampled, [int(i) for i in present]
 
     def labels(self, out: np.ndarray | None = None, threads: int = 1, encode: bool = False) -> np.ndarray:
         """The packed (z, y, x) uint32 array (into `out` when given): the byte planes interleaved,
@@ -724,6 +723,7 @@ def merge_volume(
     grid = read_ct_grid(ct_path, volume_id, memory_cap_bytes, threads)
     files = structure_files(mask_dir, volume_id)
     vocab = table.vocabulary(vocabulary)
+    check_known([structure_name(p) for p in files], table, vocabulary, volume_id, mask_dir)
     unknown: list[str] = []
     used: list[tuple[Path, int]] = []
     for path in files:
@@ -760,15 +760,128 @@ def merge_volume(
                        merger.voxels)
 
 
-def read_label_names(path: Path | str) -> dict[int, str]:
-    """`id<TAB>name` lines (comments with #) -> {id: name}; e.g. TotalSegmentator's class map."""
+def read_label_names(path: Path | str, volume_id: str | None = None) -> dict[int, str]:
+    """A label map's class names, {id: name}: `id<TAB>name` lines (comments with #; e.g.
+    TotalSegmentator's class map) or, for a `.json` file, an object {"id": "name", ...}.
+
+    Errors name the file (and the volume, when given) and the offending line or entry."""
+    path = Path(path)
+    who = f"volume {volume_id}: " if volume_id else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{who}label names file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{who}cannot read label names {path}: {exc}") from None
     names: dict[int, str] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        key, name = line.split("\t")[:2]
-        names[int(key)] = name.strip()
+    if path.suffix.lower() == ".json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{who}{path}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{who}{path}: expected a JSON object {{\"id\": \"name\"}}")
+        items = [(k, v, f"entry {k!r}") for k, v in raw.items()]
+    else:
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = line.split("\t")
+            items.append((parts[0], parts[1] if len(parts) > 1 else None, f"line {n}"))
+    for key, name, where in items:
+        try:
+            idx = int(str(key).strip())
+        except ValueError:
+            idx = -1
+        if idx < 0 or not isinstance(name, str) or not name.strip():
+            raise InputError(f"{who}{path}, {where}: expected a class id >= 0 and a name (id<TAB>name)")
+        if idx in names:
+            raise InputError(f"{who}{path}, {where}: class id {idx} is given twice")
+        names[idx] = name.strip()
+    if not names:
+        raise InputError(f"{who}{path}: no class names")
     return names
+
+
+# ---- which vocabulary, and how much of it the label table knows -----------------------------------
+
+AUTO_VOCABULARY = "auto"
+
+
+def detect_vocabulary(names: Sequence[str], table: LabelTable) -> str:
+    """The table vocabulary that knows (uses or deliberately leaves out) most of `names`; the default
+    (`radgenome`) on a tie. RadGenome / SAT names are words with spaces ("left lung upper lobe"),
+    TotalSegmentator's are snake_case ("lung_upper_lobe_left"): the two barely overlap."""
+    scores = {v: sum(vocab.classify(n) != "unknown" for n in names) for v, vocab in table.vocabularies.items()}
+    best = max(scores.values(), default=0)
+    if scores.get(DEFAULT_VOCABULARY) == best:
+        return DEFAULT_VOCABULARY
+    return next(v for v, s in scores.items() if s == best)
+
+
+def check_known(names: Sequence[str], table: LabelTable, vocabulary: str, volume_id: str, source: Path | str,
+                what: str = "structure names") -> list[str]:
+    """The names the vocabulary does not know; an InputError when they are most of them (a wrong
+    vocabulary or another segmenter's output: the volume's regions would be mostly empty)."""
+    vocab = table.vocabulary(vocabulary)
+    unknown = sorted(n for n in set(names) if vocab.classify(n) == "unknown")
+    if names and 2 * len(unknown) > len(set(names)):
+        raise InputError(
+            f"volume {volume_id}: {len(unknown)} of {len(set(names))} {what} in {source} are not in the label "
+            f"table's {vocabulary!r} vocabulary: {unknown}. Set segmentation.vocabulary "
+            f"({', '.join(table.vocabularies)}) if the detection was wrong, or map the names in the label table")
+    return unknown
+
+
+def is_labelmap_path(path: Path) -> bool:
+    """A mask location that is one image file (a multi-label map), not a folder of structure files."""
+    return path.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")) and not path.is_dir()
+
+
+@dataclass
+class MaskSource:
+    """Where a volume's masks are and how to read them (the segment table's mask columns)."""
+
+    mask_path: str
+    mask_format: str  # folder | labelmap
+    vocabulary: str
+    label_names: str  # JSON {id: name} for a label map, "" for a folder
+    n_structures: int
+    unknown: list[str]
+    detected: bool  # the vocabulary was detected (segmentation.vocabulary: auto)
+
+    def note(self) -> str:
+        parts = [f"vocabulary {self.vocabulary}" + (" (detected)" if self.detected else "")]
+        if self.unknown:
+            parts.append(f"{len(self.unknown)} names not in the label table: {', '.join(self.unknown)}")
+        return "; ".join(parts)
+
+
+def describe_masks(volume_id: str, mask_path: Path | str, label_names: Path | str | None, table: LabelTable,
+                   vocabulary: str = AUTO_VOCABULARY) -> MaskSource:
+    """A precomputed mask location: a folder of per-structure files, or a label map file with its label
+    names file; its vocabulary (given, or detected from the names); fails when most names are unknown."""
+    mask_path = Path(mask_path)
+    if vocabulary != AUTO_VOCABULARY:
+        table.vocabulary(vocabulary)  # a ValueError naming the table's vocabularies
+    if is_labelmap_path(mask_path):
+        if not mask_path.is_file():
+            raise InputError(f"volume {volume_id}: label map not found: {mask_path}")
+        if not label_names:
+            raise InputError(f"volume {volume_id}: {mask_path} is a label map but no label names file is given "
+                             "(manifest column mask_label_names: an id<TAB>name TSV or a JSON {id: name})")
+        names = read_label_names(label_names, volume_id)
+        listed = [n for i, n in names.items() if i != 0]
+        source: Path | str = label_names
+        fmt, names_json, what = "labelmap", json.dumps({str(k): v for k, v in sorted(names.items())}), "label names"
+    else:
+        files = structure_files(mask_path, volume_id)
+        listed = [structure_name(f) for f in files]
+        source, fmt, names_json, what = mask_path, "folder", "", "structure names"
+    vocab = detect_vocabulary(listed, table) if vocabulary == AUTO_VOCABULARY else vocabulary
+    unknown = check_known(listed, table, vocab, volume_id, source, what)
+    return MaskSource(str(mask_path), fmt, vocab, names_json, len(listed), unknown, vocabulary == AUTO_VOCABULARY)
 
 
 def merge_labelmap(
@@ -784,6 +897,8 @@ def merge_labelmap(
     ct_path, labelmap = Path(ct_path), Path(labelmap)
     grid = read_ct_grid(ct_path, volume_id, memory_cap_bytes, 1)
     vocab = table.vocabulary(vocabulary)
+    check_known([n for i, n in label_names.items() if i != 0], table, vocabulary, volume_id, labelmap,
+                "label names")
     top = max(label_names, default=0)
     lut = np.zeros(top + 1, np.uint32)
     unknown_names: list[str] = []
@@ -797,11 +912,13 @@ def merge_labelmap(
             unknown_names.append(name)
     merger = _Merger(volume_id, grid, memory_cap_bytes)
     try:
-        moved, unknown_ids = merger.add_labelmap(labelmap, lut)
+        moved, present_ids = merger.add_labelmap(labelmap, lut)
         labels = merger.labels()
     finally:
         merger.release()
-    unknown_names += [f"label {i}" for i in unknown_ids if i not in label_names]
+    unknown_names += [f"label {i}" for i in present_ids if i != 0 and i not in label_names]
+    present = [label_names.get(i, f"label {i}") for i in present_ids if i != 0]
+    check_known(present, table, vocabulary, volume_id, labelmap, "labels present")
     available = int(np.bitwise_or.reduce(lut)) if lut.size else 0
     return VolumeMasks(labels, grid, sorted(set(unknown_names)), [labelmap.name] if moved else [],
                        1, n_used, available)

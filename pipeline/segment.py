@@ -1,8 +1,14 @@
 """Segment stage: every volume of a shard gets per-structure masks on its CT grid, from a backend.
 
 Backends (config `segmentation.backend`):
-- `precomputed`: the dataset ships SAT masks (RadGenome-Chest CT, the demo), `seg_<volume>/<name>.nii.gz`:
-  validated only: CT readable, 3D, within the memory cap, finite; mask folder present with masks.
+- `precomputed`: the dataset ships masks, validated only: CT readable, 3D, within the memory cap,
+  finite; masks present. The manifest's `mask_dir` is either a folder of per-structure files
+  (`<name>.nii.gz`: RadGenome-Chest CT's / SAT's names, as the demo, or TotalSegmentator's names, as
+  its default output) or one multi-label map file (TotalSegmentator `--ml` output) whose class names
+  come from the manifest's `mask_label_names` (an `id<TAB>name` TSV or a JSON {id: name}; the column
+  may be absent for folders). The vocabulary is `segmentation.vocabulary` (`--vocabulary`), or with
+  `auto` the one of the label table that knows most of the names; a volume whose names are mostly
+  unknown to it fails (`pipeline.regions.check_known`), naming them.
 - `sat`: SAT's raw output for the shard (written by the `sat_inference` rule, SAT's own environment)
   is mapped back onto each CT's grid (`pipeline.sat.map_back`), into `<masks-out>/seg_<volume>/`.
   `--step prepare` writes SAT's input jsonl instead (terms = every RadGenome name the table uses).
@@ -41,17 +47,25 @@ from pipeline.io import (
     write_parquet,
 )
 from pipeline.regions import (
+    AUTO_VOCABULARY,
     DEFAULT_MEMORY_CAP_GB,
     MASK_SUFFIX,
     LabelTable,
     bytes_per_voxel,
-    structure_files,
+    describe_masks,
 )
 
 BACKENDS = ("precomputed", "sat", "totalsegmentator")
 TABLE_COLUMNS = ("volume_id", "status", "error", "backend", "mask_path", "mask_format", "vocabulary",
                  "label_names", "n_structures", "note")
 QC_COLUMNS = ("volume_id", "stage", "status", "error")
+DEFAULT_TABLE = Path(__file__).resolve().parents[1] / "config" / "regions.yaml"
+
+
+def _label_names_of(row: object) -> str:
+    """The manifest's `mask_label_names` ("" when the column is absent or empty: a mask folder)."""
+    value = getattr(row, "mask_label_names", "")
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value).strip()
 
 
 def check_ct(volume_id: str, ct_path: Path, memory_cap_bytes: int | None) -> None:
@@ -86,13 +100,15 @@ def _row(volume_id: str, backend: str, **kw: object) -> dict[str, object]:
 
 
 def segment_volume(row: object, backend: str, cfg: dict[str, object], masks_out: Path | None,
-                   cap: int | None, names_json: str = "") -> dict[str, object]:
+                   cap: int | None, names_json: str = "", table: LabelTable | None = None,
+                   vocabulary: str = AUTO_VOCABULARY) -> dict[str, object]:
     vid, ct_path = str(row.volume_id), Path(str(row.ct_path))  # type: ignore[attr-defined]
     check_ct(vid, ct_path, cap)
     if backend == "precomputed":
-        mask_dir = Path(str(row.mask_dir))  # type: ignore[attr-defined]
-        files = structure_files(mask_dir, vid)
-        return _row(vid, backend, mask_path=str(mask_dir), n_structures=len(files))
+        src = describe_masks(vid, Path(str(row.mask_dir)), _label_names_of(row),  # type: ignore[attr-defined]
+                             table or LabelTable.load(DEFAULT_TABLE), vocabulary)
+        return _row(vid, backend, mask_path=src.mask_path, mask_format=src.mask_format, vocabulary=src.vocabulary,
+                    label_names=src.label_names, n_structures=src.n_structures, note=src.note())
     if backend == "sat":
         from pipeline import sat
 
@@ -117,10 +133,12 @@ def segment_volume(row: object, backend: str, cfg: dict[str, object], masks_out:
 
 def run_shard(manifest: pd.DataFrame, shard: int, backend: str, out: Path, on_error: str = "fail",
               qc_out: Path | None = None, masks_out: Path | None = None, cfg: dict[str, object] | None = None,
-              memory_cap_gb: float = DEFAULT_MEMORY_CAP_GB) -> pd.DataFrame:
+              memory_cap_gb: float = DEFAULT_MEMORY_CAP_GB, table: LabelTable | None = None,
+              vocabulary: str = AUTO_VOCABULARY) -> pd.DataFrame:
     log = setup_logging()
     if backend not in BACKENDS:
         raise ValueError(f"segmentation backend {backend!r} is not one of {BACKENDS}")
+    table = table or LabelTable.load(DEFAULT_TABLE)
     cfg = dict(cfg or {})
     cap = int(memory_cap_gb * 2**30) if memory_cap_gb else None
     names_json = ""
@@ -135,7 +153,7 @@ def run_shard(manifest: pd.DataFrame, shard: int, backend: str, out: Path, on_er
     rows: list[dict[str, object]] = []
     for row in manifest[manifest["shard"] == shard].itertuples(index=False):
         try:
-            rows.append(segment_volume(row, backend, cfg, masks_out, cap, names_json))
+            rows.append(segment_volume(row, backend, cfg, masks_out, cap, names_json, table, vocabulary))
         except InputError as exc:
             if on_error != "skip":
                 raise
@@ -173,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--qc", type=Path, help="per-volume QC table")
     ap.add_argument("--masks-out", type=Path, help="where sat / totalsegmentator masks are written")
-    ap.add_argument("--table", type=Path, help="label table (config/regions.yaml), for --step prepare")
+    ap.add_argument("--table", type=Path, help="label table (default config/regions.yaml); needed by --step prepare")
+    ap.add_argument("--vocabulary", default=AUTO_VOCABULARY,
+                    help="precomputed masks' names: auto (detect), radgenome or totalsegmentator")
     ap.add_argument("--params", default="{}", help="JSON: the backend's config section (+ sat_raw)")
     ap.add_argument("--memory-cap-gb", type=float, default=DEFAULT_MEMORY_CAP_GB)
     ap.add_argument("--on-error", choices=["fail", "skip"], default="fail")
@@ -185,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         prepare_sat(manifest, args.shard, LabelTable.load(args.table), args.out)
         return
     run_shard(manifest, args.shard, args.backend, args.out, args.on_error, args.qc, args.masks_out,
-              json.loads(args.params), args.memory_cap_gb)
+              json.loads(args.params), args.memory_cap_gb, LabelTable.load(args.table or DEFAULT_TABLE),
+              args.vocabulary)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,11 @@ CATALOGUE: list[tuple[str, str, str, type[BaseException] | None, str]] = [
      rf"volume {V}: label map .*labels\.nii\.gz has negative labels"),
     ("labelmap_huge_label", "regions: merge_labelmap", "class id 2^31 + 5 (no 16 GB lookup table)", None,
      r"^unknown: label 2147483653$"),
+    ("labelmap_without_names", "segment: describe_masks", "mask_dir is a label map, no mask_label_names", InputError,
+     rf"volume {V}: .*labels\.nii\.gz is a label map but no label names file is given"),
+    ("masks_mostly_unknown", "segment: describe_masks", "2 of 3 mask names in no vocabulary of the table",
+     InputError, rf"volume {V}: 2 of 3 structure names in .*seg_{V} are not in the label table's 'radgenome' "
+     r"vocabulary: \['gizzard', 'swim bladder'\]"),
     ("features_grid_mismatch", "features: ShardVolumes", "masks array shape differs from the CT's", InputError,
      rf"volume {V}: CT .*ct\.nii\.gz has shape \(12, 16, 16\), masks \(12, 16, 15\)"),
     # -- cohort: report / split CSVs, ids, files --
@@ -503,6 +508,16 @@ def case_labelmap_negative(tmp: Path):
     a = np.zeros(SHAPE, np.int16)
     a[2, 2, 2] = -3
     return _labelmap(tmp, a)
+
+
+def case_labelmap_without_names(tmp: Path):
+    lm = write_image(tmp / "labels.nii.gz", _lung())
+    return lambda: regions.describe_masks(V, lm, "", TABLE)
+
+
+def case_masks_mostly_unknown(tmp: Path):
+    folder = _mask_dir(tmp, {"lung": _lung(), "gizzard": _lung(), "swim bladder": _lung()})
+    return lambda: regions.describe_masks(V, folder, None, TABLE)
 
 
 def case_labelmap_huge_label(tmp: Path):

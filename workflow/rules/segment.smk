@@ -66,6 +66,7 @@ rule segment:
         shard=r"\d+",
     input:
         manifest=f"{RES}/cohort.parquet",
+        table=repo_file(config["regions_table"]),
         sat=[SEG_SAT_RAW] if SEG_BACKEND == "sat" else [],
     output:
         table=f"{RES}/segment/shard-{{shard}}.parquet",
@@ -75,6 +76,7 @@ rule segment:
         backend=SEG_BACKEND,
         on_error=config["on_error"],
         cap=SEG["memory_cap_gb"],
+        vocabulary=SEG.get("vocabulary", "auto"),
         masks=f"--masks-out {SEG_MASKS}" if SEG_BACKEND != "precomputed" else "",
         cfg=lambda wc, input: as_json({**SEG.get(SEG_BACKEND, {}), "sat_raw": input.sat[0] if input.sat else None}),
     log:
@@ -86,4 +88,5 @@ rule segment:
     shell:
         "python -m pipeline.segment --manifest {input.manifest} --shard {wildcards.shard}"
         " --backend {params.backend} --on-error {params.on_error} --memory-cap-gb {params.cap} {params.masks}"
+        " --table {input.table} --vocabulary {params.vocabulary}"
         " --params {params.cfg} --out {output.table} --qc {output.qc} > {log} 2>&1"
