@@ -24,6 +24,7 @@ localrules:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/dicom_import.smk"
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/regions.smk"

@@ -1,7 +1,9 @@
 """Cohort manifest: one row per volume, from a dataset adapter.
 
 `results/cohort.parquet` columns: volume_id, patient_id, split, shard, ct_path, mask_dir, mask_source,
-findings, impressions. Every later stage works shard by shard from this table.
+findings, impressions, mask_label_names. `mask_dir` is a folder of per-structure masks or one
+multi-label map file; `mask_label_names` is that label map's `id<TAB>name` file ("" for a folder).
+Every later stage works shard by shard from this table.
 
 Adapters
 - `radgenome` (also used by the demo, which is generated in RadGenome's layout): volumes at
@@ -9,6 +11,9 @@ Adapters
   `<masks_dir>/seg_<volume_id>/`, CT-RATE report CSVs (`VolumeName, ..., Findings_EN, Impressions_EN`),
   an optional split CSV (`VolumeName, split`); without it `valid_*` volumes are the test split (as in
   RadGenome / CT-RATE) and `train_*` patients are split into train / validation by a stable hash.
+- `manifest` (own data): one CSV / Parquet table, one row per volume, any safe id, explicit splits,
+  NIfTI or DICOM CTs, masks as a folder or a label map; read and checked by `pipeline.own_data`, which
+  also writes its ground truth (region texts, labels) in the shapes the reports stage reads.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "mask_source",
     "findings",
     "impressions",
+    "mask_label_names",
 )
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -141,6 +147,7 @@ def build_radgenome_manifest(
     reports["ct_path"] = [str(radgenome_ct_path(volumes_dir, v)) for v in reports["volume_id"]]
     reports["mask_dir"] = [str(masks_dir / f"seg_{v}") for v in reports["volume_id"]]
     reports["mask_source"] = mask_source
+    reports["mask_label_names"] = ""
     reports["shard"] = reports.index // shard_size
     missing_ct = [v for v, p in zip(reports["volume_id"], reports["ct_path"]) if not Path(p).is_file()]
     if missing_ct:
@@ -149,30 +156,57 @@ def build_radgenome_manifest(
     return reports[list(MANIFEST_COLUMNS)]
 
 
+def build_own_manifest(table: Path, shard_size: int, dicom_dir: Path, require_masks: bool = False,
+                       truth_dir: Path | None = None) -> pd.DataFrame:
+    """The cohort manifest of an own-data table (`pipeline.own_data`); with `truth_dir`, its region texts
+    and labels go to `truth_dir/{region_report,labels}.csv` for the reports stage."""
+    from pipeline import own_data
+
+    volumes = own_data.read_own_manifest(table, require_masks=require_masks, check_files=True)
+    manifest = own_data.cohort_rows(volumes, shard_size, dicom_dir)
+    if truth_dir is not None:
+        own_data.write_ground_truth(volumes, truth_dir / "region_report.csv", truth_dir / "labels.csv")
+    return manifest
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--adapter", choices=["radgenome"], default="radgenome")
-    ap.add_argument("--volumes-dir", type=Path, required=True)
-    ap.add_argument("--masks-dir", type=Path, required=True)
-    ap.add_argument("--reports-csv", type=Path, nargs="+", required=True)
+    ap.add_argument("--adapter", choices=["radgenome", "manifest"], default="radgenome")
+    ap.add_argument("--volumes-dir", type=Path, help="radgenome: the volumes folder")
+    ap.add_argument("--masks-dir", type=Path, help="radgenome: the SAT masks folder")
+    ap.add_argument("--reports-csv", type=Path, nargs="+", help="radgenome: CT-RATE report CSVs")
     ap.add_argument("--splits-csv", type=Path)
     ap.add_argument("--validation-fraction", type=float, default=0.15)
+    ap.add_argument("--table", type=Path, help="manifest: the own-data table (.csv / .parquet)")
+    ap.add_argument("--dicom-dir", type=Path, help="manifest: where DICOM rows were converted (dicom_import)")
+    ap.add_argument("--require-masks", action="store_true", help="manifest: every row must give masks")
+    ap.add_argument("--truth-dir", type=Path, help="manifest: where region_report.csv and labels.csv go")
     ap.add_argument("--shard-size", type=int, required=True)
     ap.add_argument("--expect-volumes", type=int, help="volume count the workflow planned its shards for")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     log = setup_logging()
-    manifest = build_radgenome_manifest(
-        args.volumes_dir,
-        args.masks_dir,
-        args.reports_csv,
-        args.shard_size,
-        args.splits_csv,
-        args.validation_fraction,
-    )
+    if args.adapter == "manifest":
+        if args.table is None or args.dicom_dir is None:
+            ap.error("--adapter manifest needs --table and --dicom-dir")
+        manifest = build_own_manifest(args.table, args.shard_size, args.dicom_dir, args.require_masks,
+                                      args.truth_dir)
+        source = str(args.table)
+    else:
+        if args.volumes_dir is None or args.masks_dir is None or not args.reports_csv:
+            ap.error("--adapter radgenome needs --volumes-dir, --masks-dir and --reports-csv")
+        manifest = build_radgenome_manifest(
+            args.volumes_dir,
+            args.masks_dir,
+            args.reports_csv,
+            args.shard_size,
+            args.splits_csv,
+            args.validation_fraction,
+        )
+        source = "the report CSVs"
     if args.expect_volumes is not None and len(manifest) != args.expect_volumes:
         raise InputError(f"the dataset has {len(manifest)} volumes but the workflow planned shards for "
-                         f"{args.expect_volumes}: the report CSVs changed while planning; rerun")
+                         f"{args.expect_volumes}: {source} changed while planning; rerun")
     write_parquet(manifest, args.out)
     counts = manifest["split"].value_counts().to_dict()
     log.info("cohort: %d volumes, %d shards, splits %s -> %s",

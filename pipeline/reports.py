@@ -2,7 +2,8 @@
 
 Region texts come from RadGenome's grounded sentences (`Volumename, Anatomy, Sentence`): the first
 element of an anatomy path (`lung/lung/right lung/...`) is rolled up to one of the six regions by the
-`report_regions` table of `config/regions.yaml`; rows with an empty anatomy hold the whole report and
+`report_regions` table of `config/regions.yaml` (an anatomy that is a region's own key, as an own-data
+table's region texts are written, is that region); rows with an empty anatomy hold the whole report and
 are not region text. A volume without grounded sentences gets its findings split into sentences and
 every sentence assigned to a region (`pipeline.evaluate.sections`: organ terms, then finding terms, then
 the previous sentence's region); grounded "others" rows are placed by `classify_sentence` (dropped when
@@ -54,7 +55,8 @@ def region_texts_from_grounded(
         if not anatomy:
             continue  # whole-report rows
         top = anatomy.split("/")[0].strip()
-        region = report_regions.get(top)
+        # an own-data table's region texts name the region itself (pipeline.own_data.write_ground_truth)
+        region = report_regions.get(top) or (top if top in REGIONS else None)
         if region is None:
             unknown.add(top)
             continue

@@ -31,7 +31,7 @@ def run(demo_run: Path) -> Path:
 def test_every_stage_output_has_its_schema(run: Path) -> None:
     manifest = pd.read_parquet(run / "cohort.parquet")
     assert list(manifest.columns) == ["volume_id", "patient_id", "split", "shard", "ct_path", "mask_dir",
-                                      "mask_source", "findings", "impressions"]
+                                      "mask_source", "findings", "impressions", "mask_label_names"]
     assert len(manifest) == N_CASES and sorted(manifest["shard"].unique()) == [0, 1, 2]
     assert manifest.groupby("patient_id")["split"].nunique().max() == 1
     shards = sorted(manifest["shard"].unique())

@@ -1,13 +1,18 @@
 # Shared helpers: paths, shard lists and parameter serialisation. Input functions live here only.
+import functools
 import json
 import shlex
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.config_check import check_placeholders, resolve_demo_model_paths
+
 REPO = Path(workflow.basedir)
 RES = config["results"]
 FEATURE_ARRAYS_DIR = f"{RES}/features"
+check_placeholders(config)  # a copied template's /path/to/... values fail here, naming the keys
+resolve_demo_model_paths(config, RES)  # build_demo without a path: <results>/demo/models/{encoder,llm}
 
 
 def repo_file(path):
@@ -36,25 +41,42 @@ def dataset():
             "splits_csv": f"{root}/splits.csv",
             "validation_fraction": 0.15,
         }
+    if ds["adapter"] == "manifest":
+        # the cohort rule writes the table's region texts and labels in RadGenome's / CT-RATE's shapes
+        return {**ds, "root": None, "region_report_csv": [f"{RES}/cohort/region_report.csv"],
+                "labels_csv": [f"{RES}/cohort/labels.csv"]}
     return {**ds, "root": None}
+
+
+@functools.lru_cache(maxsize=1)
+def own_volumes():
+    """The own-data table's rows, read and checked when the workflow is planned (files are checked by
+    the cohort job)."""
+    from pipeline.own_data import read_own_manifest
+
+    return read_own_manifest(config["dataset"]["manifest"], check_files=False)
 
 
 def dataset_inputs():
     ds = dataset()
     if ds["root"] is not None:
         return [ds["root"]]
+    if ds["adapter"] == "manifest":
+        return [ds["manifest"]]
     return list(ds["reports_csv"]) + ([ds["splits_csv"]] if ds.get("splits_csv") else [])
 
 
 def n_volumes():
     """Volumes in the cohort, known when the DAG is planned (so no checkpoint is needed).
 
-    The demo generates exactly `n_cases` volumes; a real dataset has one per report-CSV row. The
-    cohort rule checks that its manifest agrees.
+    The demo generates exactly `n_cases` volumes; a real dataset has one per report-CSV row, an
+    own-data table one per row. The cohort rule checks that its manifest agrees.
     """
     ds = config["dataset"]
     if ds["adapter"] == "demo":
         return int(ds.get("demo", {}).get("n_cases", 80))
+    if ds["adapter"] == "manifest":
+        return len(own_volumes())
     return sum(len(pd.read_csv(p, usecols=["VolumeName"])) for p in ds["reports_csv"])
 
 

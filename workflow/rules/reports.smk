@@ -2,6 +2,8 @@ rule reports:
     input:
         manifest=f"{RES}/cohort.parquet",
         table=repo_file(config["regions_table"]),
+        # own data: the table's region texts and labels, written by the cohort rule
+        truth=dataset()["region_report_csv"] + dataset()["labels_csv"] if config["dataset"]["adapter"] == "manifest" else [],
     output:
         expand(f"{RES}/reports/{{split}}.parquet", split=["train", "validation", "test"]),
     params:
