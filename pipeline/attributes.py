@@ -11,11 +11,22 @@ Measured per volume, from `results/masks/shard-<k>.zarr`:
   (effusions) with the largest overlap after a 3-voxel dilation (an effusion lies beside the lung,
   not inside it); "undetermined" when nothing overlaps.
 
+What a structure's numbers mean (the same through every segmentation backend; the words are listed
+in docs/attributes.md):
+- not assessed: no input structure maps to the channel (the segmenter does not produce it, e.g. heart
+  chambers with TotalSegmentator, or a mask file missing from the folder): volume NaN, `_assessed` false;
+- not seen in the scan: the segmenter produces it but found no voxel (an organ outside the field of
+  view): volume NaN, not 0.0, `_assessed` true;
+- partially imaged: the structure touches a face of the scan grid (first or last slice, or an in-plane
+  edge), so the scan cut it and its volume is a lower bound: `_partial` true.
+
 Parquet `results/attributes/shard-<k>.parquet`, one row per volume (schema `SCHEMA`, fixed even for an
 empty shard):
   volume_id                 string
-  <structure>_ml            float64, 1 decimal; NaN when no input structure maps to that channel
-                            (e.g. heart chambers with TotalSegmentator), 12 columns, ATTRIBUTE_STRUCTURES
+  <structure>_ml            float64, 1 decimal; NaN when not assessed or not seen in the scan
+                            (12 columns, ATTRIBUTE_STRUCTURES)
+  <structure>_partial       bool: seen, and touching the scan boundary (a lower bound)
+  <structure>_assessed      bool: the segmentation provides that structure at all
   <lesion>_count            int32, components >= min_lesion_mm3 (3 columns: nodule, cyst, effusion)
   <lesion>_diameters_mm     list<float64>, 1 decimal, largest first
   <lesion>_locations        list<string>, same order as the diameters
@@ -75,6 +86,8 @@ PROMPT_NAMES: dict[str, str] = {
 SCHEMA = pa.schema(
     [pa.field("volume_id", pa.string())]
     + [pa.field(f"{s}_ml", pa.float64()) for s in ATTRIBUTE_STRUCTURES]
+    + [pa.field(f"{s}_partial", pa.bool_()) for s in ATTRIBUTE_STRUCTURES]
+    + [pa.field(f"{s}_assessed", pa.bool_()) for s in ATTRIBUTE_STRUCTURES]
     + [f for lesion in LESIONS for f in (
         pa.field(f"{lesion}_count", pa.int32()),
         pa.field(f"{lesion}_diameters_mm", pa.list_(pa.float64())),
@@ -118,6 +131,17 @@ def boxed_counts(labels: np.ndarray, channels: Sequence[str], boxes: dict[str, S
     return out
 
 
+def boundary_bits(labels: np.ndarray) -> int:
+    """The channel bits present on any of the six faces of the grid (first / last slice, row, column)."""
+    if labels.size == 0:
+        return 0
+    faces = (labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1])
+    word = 0
+    for face in faces:
+        word |= int(np.bitwise_or.reduce(face, axis=None))
+    return word
+
+
 def volume_attributes(labels: np.ndarray, spacing_xyz: Sequence[float],
                       min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3,
                       available: Sequence[str] | None = None,
@@ -140,8 +164,12 @@ def volume_attributes(labels: np.ndarray, spacing_xyz: Sequence[float],
     else:
         counts = channel_counts(labels, wanted) if boxes is None else boxed_counts(labels, wanted, boxes)
     attrs: dict[str, object] = {}
+    edge = boundary_bits(labels)
     for name in ATTRIBUTE_STRUCTURES:
-        attrs[f"{name}_ml"] = round(counts[name] * voxel_mm3 / 1000.0, 1) if name in have else math.nan
+        seen = name in have and counts[name] > 0
+        attrs[f"{name}_ml"] = round(counts[name] * voxel_mm3 / 1000.0, 1) if seen else math.nan
+        attrs[f"{name}_partial"] = bool(seen and edge >> CHANNELS.index(name) & 1)
+        attrs[f"{name}_assessed"] = name in have
     min_voxels = max(1, int(math.ceil(min_lesion_mm3 / voxel_mm3 - 1e-9))) if min_lesion_mm3 > 0 else 1
     for lesion in LESIONS:
         box = None if boxes is None or lesion not in boxes else _padded(boxes[lesion], labels.shape)
@@ -253,8 +281,24 @@ def _locate(lesion: str, own: np.ndarray, where: tuple[slice, ...], sub: np.ndar
     return names[best] if scores[best] > 0 else "undetermined"
 
 
-def _fmt_ml(value: object) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{float(value):.1f} ml"
+NOT_ASSESSED = "not assessed"
+NOT_SEEN = "not seen in the scan"
+PARTIAL = "partially imaged"
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _fmt_ml(attrs: dict[str, object], name: str) -> str:
+    """One structure's volume in the prompt: "12.3 ml", "12.3 ml (partially imaged)", "not seen in the
+    scan" or "not assessed". A table without the `_assessed` column (older) reads NaN as not assessed."""
+    value = attrs.get(f"{name}_ml")
+    if not attrs.get(f"{name}_assessed", not _is_missing(value)):
+        return NOT_ASSESSED
+    if _is_missing(value):
+        return NOT_SEEN
+    return f"{float(value):.1f} ml" + (f" ({PARTIAL})" if attrs.get(f"{name}_partial") else "")  # type: ignore[arg-type]
 
 
 def _fmt_list(values: Sequence[object], number: bool = False) -> str:
@@ -266,20 +310,22 @@ def _fmt_list(values: Sequence[object], number: bool = False) -> str:
 def render_prompt(attrs: dict[str, object]) -> str:
     """The attribute block of the paper's Fig. 5 (organ volumes, then lesion details).
 
-    Volumes and diameters always carry one decimal; "none" for absent lesions; "n/a" for a structure
-    the segmentation does not provide; "not assessed" for a lesion channel it does not provide.
+    Volumes and diameters always carry one decimal, a volume "(partially imaged)" when the structure
+    touches the scan boundary; "not seen in the scan" for a structure the segmentation provides but
+    did not find; "not assessed" for a structure or lesion channel it does not provide; "none" for
+    absent lesions of an assessed channel.
     """
     lines = ["Organ Volumes:", "Lung:"]
-    lines += [f"- {PROMPT_NAMES[n]}: {_fmt_ml(attrs[f'{n}_ml'])}" for n in LOBES]
+    lines += [f"- {PROMPT_NAMES[n]}: {_fmt_ml(attrs, n)}" for n in LOBES]
     lines.append("Heart:")
-    lines += [f"- {PROMPT_NAMES[n]}: {_fmt_ml(attrs[f'{n}_ml'])}" for n in HEART_CHAMBERS]
-    lines.append(f"Liver: {_fmt_ml(attrs['liver_ml'])}")
-    lines += ["Kidney:", f"- Left: {_fmt_ml(attrs['left_kidney_ml'])}", f"- Right: {_fmt_ml(attrs['right_kidney_ml'])}"]
+    lines += [f"- {PROMPT_NAMES[n]}: {_fmt_ml(attrs, n)}" for n in HEART_CHAMBERS]
+    lines.append(f"Liver: {_fmt_ml(attrs, 'liver')}")
+    lines += ["Kidney:", f"- Left: {_fmt_ml(attrs, 'left_kidney')}", f"- Right: {_fmt_ml(attrs, 'right_kidney')}"]
     lines.append("Lesion Details:")
     for lesion in LESIONS:
         lines.append(f"{lesion.capitalize()}:")
         if not attrs.get(f"{lesion}_assessed", True):
-            lines.append("- not assessed")
+            lines.append(f"- {NOT_ASSESSED}")
             continue
         lines += [
             f"- count: {attrs[f'{lesion}_count']}",

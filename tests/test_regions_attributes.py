@@ -314,10 +314,14 @@ def test_totalsegmentator_example_through_the_table(shared_data: Path) -> None:
               "right_kidney": "kidney_right"}
     for channel, ts_name in expect.items():
         count = int((lab == by_name[ts_name]).sum())
-        assert attrs[f"{channel}_ml"] == pytest.approx(round(count * voxel_mm3 / 1000, 1)), channel
+        if count:
+            assert attrs[f"{channel}_ml"] == pytest.approx(round(count * voxel_mm3 / 1000, 1)), channel
+        else:  # the right upper lobe is above this abdominal scan: not seen, never 0.0 ml
+            assert math.isnan(attrs[f"{channel}_ml"]) and attrs[f"{channel}_assessed"], channel
     assert attrs["liver_ml"] > 100 and attrs["right_kidney_ml"] > 10
     assert math.isnan(attrs["left_atrium_ml"])  # v2 `total` has no heart chambers
-    assert "- Left Atrium: n/a" in attributes.render_prompt(attrs)
+    prompt = attributes.render_prompt(attrs)
+    assert "- Left Atrium: not assessed" in prompt and "- Right Upper Lobe: not seen in the scan" in prompt
     for region in ("lung", "heart", "osseous", "abdomen"):
         assert regions.unpack_channel(vm.labels, region).any(), region
 
@@ -379,11 +383,13 @@ def test_unavailable_channels_render_as_not_available() -> None:
     labels = np.zeros((4, 6, 6), np.uint32)
     available = [c for c in CHANNELS if c not in ("left_atrium", "effusion")]
     attrs = attributes.volume_attributes(labels, (1, 1, 1), available=available)
-    assert math.isnan(attrs["left_atrium_ml"]) and attrs["right_atrium_ml"] == 0.0
+    assert math.isnan(attrs["left_atrium_ml"]) and math.isnan(attrs["right_atrium_ml"])  # neither is 0.0 ml
+    assert attrs["left_atrium_assessed"] is False and attrs["right_atrium_assessed"] is True
     assert attrs["effusion_assessed"] is False and attrs["nodule_assessed"] is True
     prompt = attributes.render_prompt(attrs)
-    assert "- Left Atrium: n/a" in prompt and "- Right Atrium: 0.0 ml" in prompt
-    assert "Effusion:\n- not assessed" in prompt
+    assert "- Left Atrium: not assessed" in prompt and "- Right Atrium: not seen in the scan" in prompt
+    assert "0.0 ml" not in prompt
+    assert "Effusion:\n- not assessed" in prompt and "Nodule:\n- count: 0" in prompt
 
 
 def test_attributes_parquet_schema_and_qc(tmp_path: Path) -> None:
