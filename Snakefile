@@ -14,6 +14,11 @@ configfile: str(Path(workflow.basedir) / "config" / "config.yaml")
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+# Every job imports pipeline/ and model/ from this repository, also inside the envs/ conda environments,
+# which do not install the project (Snakemake copies env files elsewhere, so no relative path can reach it).
+shell.prefix("set -euo pipefail; export PYTHONPATH=" + workflow.basedir + "${{PYTHONPATH:+:$PYTHONPATH}}; ")
+
+
 report: "workflow/report/workflow.rst"
 
 
