@@ -102,7 +102,8 @@ def sorted_series(folder: Path, volume_id: str, series_uid: str | None = None) -
         if not slices:
             raise InputError(f"volume {volume_id}: series {series_uid} not found in {folder}")
     elif len(series) > 1:
-        raise InputError(f"volume {volume_id}: {folder} holds {len(series)} series; pick one (series_uid)")
+        raise InputError(f"volume {volume_id}: {folder} holds {len(series)} series; pick one with series_uid (in an "
+                         f"own-data table, the dicom_series_uid column): {', '.join(series)}")
     first = slices[0]
     for s in slices[1:]:
         if not np.allclose(s.orientation, first.orientation, atol=1e-4):
