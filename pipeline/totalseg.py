@@ -24,15 +24,23 @@ DEFAULT_COMMAND = "TotalSegmentator"
 TASK = "total"
 
 
-def class_map(label_names: Path | str | None = None) -> dict[int, str]:
-    """Class id -> name: from a TSV when given, else from the installed TotalSegmentator package."""
+def class_map(label_names: Path | str | None = None, command: str = DEFAULT_COMMAND) -> dict[int, str]:
+    """Class id -> name: from a TSV when given, else from the installed TotalSegmentator package.
+
+    Without either, "not installed" is said first: a label-names file alone does not segment anything.
+    """
     if label_names:
         return read_label_names(label_names)
     try:
         from totalsegmentator.map_to_binary import class_map as maps  # type: ignore[import-not-found]
     except ImportError:
+        if not is_installed(command):
+            raise RuntimeError(f"`{shlex.split(command)[0]}` not found: install TotalSegmentator (pip install "
+                               "TotalSegmentator) or choose another segmentation.backend; when it runs from "
+                               "another environment (segmentation.totalsegmentator.command), also give its class "
+                               "map as segmentation.totalsegmentator.label_names (an id<TAB>name file)") from None
         raise RuntimeError("segmentation.totalsegmentator.label_names is not set and the TotalSegmentator "
-                           "package is not importable: give an id<TAB>name file") from None
+                           "package is not importable here: give its class map as an id<TAB>name file") from None
     return {int(k): str(v) for k, v in maps[TASK].items()}
 
 

@@ -325,3 +325,25 @@ def test_example_table_is_valid_and_copies_nothing(shared_data: Path, tmp_path: 
     config = yaml.safe_load((tmp_path / "ex" / "config.yaml").read_text(encoding="utf-8"))
     assert config["dataset"] == {"adapter": "manifest", "manifest": str(table)}
     shutil.rmtree(tmp_path / "ex")
+
+
+def test_totalsegmentator_not_installed_is_said_before_label_names(tmp_path: Path) -> None:
+    from pipeline import totalseg
+
+    try:
+        import totalsegmentator  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TotalSegmentator is installed here")
+    with pytest.raises(RuntimeError) as err:
+        totalseg.class_map(None, command=str(tmp_path / "no-such-TotalSegmentator"))
+    text = str(err.value)
+    assert text.startswith("`") and "not found: install TotalSegmentator" in text
+    assert text.index("not found") < text.index("label_names")
+    # installed as a program elsewhere, its package not importable here: then the class map is what is missing
+    exe = tmp_path / "TotalSegmentator"
+    exe.write_text("#!/bin/sh\n", encoding="utf-8")
+    exe.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"^segmentation\.totalsegmentator\.label_names is not set"):
+        totalseg.class_map(None, command=str(exe))
