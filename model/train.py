@@ -61,6 +61,9 @@ DEFAULTS = {
     "checkpoint_every": 500,  # optimizer steps; 0 = no intermediate checkpoints
     "keep_checkpoints": 2,
     "log_every": 10,
+    # "tensorboard": loss, learning rate, validation loss and CA-F1 also go to <out>/tensorboard/ while the
+    # run lasts (Accelerate's tracker; `tensorboard --logdir results/experiments`); train_log.jsonl stays
+    "log_with": None,
     "num_workers": 0,
     "stop_after_steps": None,  # stop (as if interrupted) after N optimizer steps; schedule unchanged
     # which weights the run ends with: the last, or those of the epoch whose generated validation
@@ -97,8 +100,27 @@ def parse_args(argv=None):
 
 
 # Parameters that change how a run is carried out, not what it computes: a resumed run may change them.
-RUNTIME_PARAMS = ("log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "stop_after_steps",
+RUNTIME_PARAMS = ("log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "stop_after_steps", "log_with",
                   "logits_on_targets")
+
+
+def tracker_values(record: dict) -> dict[str, float]:
+    """The numbers of a train_log.jsonl step or epoch record as tracker scalars: `train/loss`, `train/lr`,
+    `val/loss`, `val/ca_f1`, `val/ca_f1_per_class/<class>`; event records (start, done, ...) give none."""
+    if "event" in record:
+        return {}
+    group = "val" if any(k.startswith("val_") for k in record) else "train"
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if key in ("step", "epoch", "elapsed_s") or isinstance(value, bool):
+            continue
+        name = key[4:] if key.startswith("val_") else key
+        if isinstance(value, (int, float)) and value == value:
+            out[f"{group}/{name}"] = float(value)
+        elif isinstance(value, dict):  # per-class scores
+            out.update({f"{group}/{name}/{k}": float(v) for k, v in value.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v})
+    return out
 
 
 def experiment_identity(params: dict, network: dict, args, train_ids: list[str], num_processes: int) -> dict:
@@ -299,7 +321,8 @@ def main(argv=None) -> int:
 
     # without a GPU, say cpu=True: otherwise `torchrun --nproc_per_node N` on CPU gives N unrelated
     # single-process runs instead of N gloo ranks
-    accelerator = Accelerator(gradient_accumulation_steps=p["grad_accum"], cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(gradient_accumulation_steps=p["grad_accum"], cpu=not torch.cuda.is_available(),
+                              log_with=p["log_with"] or None, project_dir=str(out))
     is_main = accelerator.is_main_process
     from accelerate.utils import gather_object
 
@@ -464,10 +487,16 @@ def main(argv=None) -> int:
     elif is_main and log_path.exists():
         log_path.unlink()
 
+    if p["log_with"]:
+        accelerator.init_trackers("tensorboard", config={k: v for k, v in p.items() if isinstance(v, (int, float, str, bool))})
+
     def log(record: dict) -> None:
         if is_main:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        scalars = tracker_values(record) if p["log_with"] else {}
+        if scalars:
+            accelerator.log(scalars, step=record.get("step", 0))
 
     log(
         {

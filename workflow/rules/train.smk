@@ -24,7 +24,9 @@ def train_gpus():
 
 def train_params(stage):
     def inner(wildcards):
-        return as_json({**config["train"][f"stage{stage}"], **experiment(wildcards.exp)})
+        # train.log_with (a tracker such as tensorboard) applies to both stages; unset, the command is unchanged
+        tracker = {"log_with": config["train"]["log_with"]} if config["train"].get("log_with") else {}
+        return as_json({**config["train"][f"stage{stage}"], **experiment(wildcards.exp), **tracker})
 
     return inner
 
