@@ -29,12 +29,16 @@ How a volume is merged
 - A label map (TotalSegmentator `--ml` output: one file, voxel = class id) is turned into channel
   words with one table lookup per voxel.
 
-Output `results/masks/shard-<k>.zarr`: array `<volume_id>` (z, y, x) uint32 on the CT's native grid,
-chunked by 16 slices (zstd level ZSTD_LEVEL), attributes `spacing`, `origin`, `direction`
-(SimpleITK x, y, z order), `channels_available` (channels at least one input structure maps to; a
+Orientation: masks are merged on the CT's own grid, then the packed array is brought to the canonical
+orientation (`pipeline.orientation`: LPS, ITK's identity direction; an exact transpose / flip, once per
+volume; a CT already in LPS is left as it is). The features stage turns the CT the same way.
+
+Output `results/masks/shard-<k>.zarr`: array `<volume_id>` (z, y, x) uint32 on the CT's grid in the
+canonical orientation, chunked by 16 slices (zstd level ZSTD_LEVEL), attributes `spacing`, `origin`,
+`direction` (of that grid, SimpleITK x, y, z order), `channels_available` (channels at least one input structure maps to; a
 backend without heart chambers leaves those out) and, for masks, `channel_boxes` (each non-empty
 channel's [z0, z1, y0, y1, x0, x1]) and `channel_voxels` (voxel count of each MEASURED channel);
-group attributes `channels`, `table_version`, `volume_ids`, `complete`.
+group attributes `channels`, `table_version`, `orientation` ("LPS"), `volume_ids`, `complete`.
 QC `results/qc/regions/shard-<k>.parquet`: one row per volume: `volume_id`, `stage`, `status`
 (ok / error / skipped), `error`, `note`, `n_files`, `n_used`, `unknown`, `resampled`; and a picture per
 sampled volume under `results/qc/regions/shard-<k>/` (axial and coronal slices, region overlays).
@@ -75,6 +79,7 @@ from pipeline.io import (
     setup_logging,
     write_parquet,
 )
+from pipeline.orientation import CANONICAL, Reorientation, reorientation
 
 MASK_SUFFIX = ".nii.gz"
 MASK_SUFFIXES = (".nii.gz", ".nii")
@@ -940,7 +945,10 @@ def qc_picture(ct_path: Path, labels: np.ndarray, grid: CtGrid, volume_id: str, 
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    ct = image_array(read_image(ct_path, volume_id), ct_path, volume_id, np.float32)
+    image = read_image(ct_path, volume_id)
+    # canonical LPS grid, as the masks: an axial slice [y, x] is then drawn in the radiological
+    # convention as it is (patient right on the image's left, anterior up); a coronal one with z reversed
+    ct = reorientation(image.GetDirection()).array(image_array(image, ct_path, volume_id, np.float32))
     nz, ny, nx = labels.shape
     region_bits = [CHANNELS.index(r) for r in REGIONS]
     lung = unpack_channel(labels, "lung")
@@ -968,6 +976,8 @@ def qc_picture(ct_path: Path, labels: np.ndarray, grid: CtGrid, volume_id: str, 
             if m.any():
                 ax.contour(m, levels=[0.5], colors=[colour], linewidths=1.0)
         ax.set_title(f"{kind} {'z' if kind == 'axial' else 'y'}={i}", fontsize=8)
+        for x, side in ((0.01, "R"), (0.93, "L")):  # radiological convention: patient right on the left
+            ax.text(x, 0.5, side, transform=ax.transAxes, color="yellow", fontsize=8, va="center")
         ax.axis("off")
     handles = [Patch(color=REGION_COLOURS[r], label=r) for r in REGIONS]
     handles += [Patch(edgecolor=c, facecolor="none", label=lesion) for lesion, c in LESION_COLOURS.items()]
@@ -1025,13 +1035,42 @@ def _segment_rows(manifest: pd.DataFrame, segment: pd.DataFrame | None, shard: i
 
 def process_volume(item: dict[str, object], table: LabelTable, threads: int,
                    memory_cap_bytes: int | None, out: np.ndarray | None = None, encode: bool = False) -> VolumeMasks:
+    """One volume's packed masks, on the canonical (LPS) grid (`to_canonical`)."""
     vid, ct_path = str(item["volume_id"]), Path(str(item["ct_path"]))
+    if encode and not _turn(read_header_info(ct_path, vid).GetDirection(), ct_path).identity:
+        encode = False  # the chunks are made after the array is turned
     if item["mask_format"] == "labelmap":
-        return merge_labelmap(vid, ct_path, Path(str(item["mask_path"])),
-                              {int(k): v for k, v in json.loads(str(item["label_names"])).items()},
-                              table, str(item["vocabulary"]), memory_cap_bytes)
-    return merge_volume(vid, ct_path, Path(str(item["mask_path"])), table, threads, str(item["vocabulary"]),
-                        memory_cap_bytes, out, encode)
+        vm = merge_labelmap(vid, ct_path, Path(str(item["mask_path"])),
+                            {int(k): v for k, v in json.loads(str(item["label_names"])).items()},
+                            table, str(item["vocabulary"]), memory_cap_bytes)
+    else:
+        vm = merge_volume(vid, ct_path, Path(str(item["mask_path"])), table, threads, str(item["vocabulary"]),
+                          memory_cap_bytes, out, encode)
+    return to_canonical(vm, ct_path)
+
+
+def _turn(direction: Sequence[float], ct_path: Path | str) -> Reorientation:
+    try:
+        return reorientation(direction)
+    except ValueError as exc:
+        raise InputError(f"{ct_path}: {exc}") from None
+
+
+def to_canonical(vm: VolumeMasks, ct_path: Path | str) -> VolumeMasks:
+    """The volume's masks on the canonical grid (`pipeline.orientation`: LPS, identity direction).
+
+    Masks are merged on the CT's own grid (the fast path reads them as stored); this moves the packed
+    array once per volume, an exact transpose / flip, with its geometry and channel boxes. A CT already
+    in LPS (the demo, RadGenome) is left as it is: the same array, chunks and attributes."""
+    turn = _turn(vm.grid.direction, ct_path)
+    if turn.identity:
+        return vm
+    shape = vm.labels.shape
+    size, spacing, origin, direction = turn.grid(vm.grid.size, vm.grid.spacing, vm.grid.origin, vm.grid.direction)
+    grid = CtGrid(size, spacing, origin, direction, None)  # type: ignore[arg-type]
+    boxes = None if vm.boxes is None else {c: turn.box(b, shape) for c, b in vm.boxes.items()}
+    return VolumeMasks(np.ascontiguousarray(turn.array(vm.labels)), grid, vm.unknown, vm.resampled, vm.n_files,
+                       vm.n_used, vm.available, boxes, None, vm.voxels)  # chunks are compressed again when written
 
 
 def run_shard(
@@ -1096,7 +1135,7 @@ def run_shard(
             log.info("[%d/%d] %s: %d structure files (%d used) merged in %.2f s", i, len(items), vid,
                      vm.n_files, vm.n_used, time.perf_counter() - t0)
         group.update_attributes({"channels": list(CHANNELS), "table_version": table.version,  # one write
-                                 "volume_ids": done, "complete": True})
+                                 "orientation": CANONICAL, "volume_ids": done, "complete": True})
     qc_df = pd.DataFrame(qc, columns=list(QC_COLUMNS))
     write_parquet(qc_df, out_qc)
     return qc_df

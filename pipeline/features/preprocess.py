@@ -1,8 +1,18 @@
 """CT and masks onto the encoder's input grid: everything the encoder step needs, computed on CPU.
 
-CT: HU clip to `hu_window`, min-max to [0, 1] with the window's bounds (a constant CT maps to a
-constant image, no division by its own range), then trilinear resize to (D, H, W). A volume with
-fewer than D slices is interpolated up along z (no padding: every slice the encoder sees is CT).
+Orientation and spacing: the CT arrives in the canonical orientation (LPS, `pipeline.orientation`; the
+features stage turns it as the regions stage turned its masks). It is then resized to (D, H, W) =
+`input_size` whatever its spacing: D slices through-plane (z, inferior -> superior) and H x W in-plane
+(y anterior -> posterior, x patient right -> left), each axis scaled by its own factor, so the voxel
+aspect is not kept and a slice of the encoder's input covers the scan's whole field of view. A 3 mm
+scan of 100 slices and a 1 mm scan of 300 slices over the same anatomy give the same D slices; the
+same scan with a wider field of view gives smaller anatomy in-plane. The cache's attributes record
+this (`orientation`, `resampling`).
+
+CT: trilinear resize to (D, H, W) in HU (`align_corners=False`), then HU clip to `hu_window` and
+min-max to [0, 1] with the window's bounds (a constant CT maps to a constant image, no division by
+its own range). A volume with fewer than D slices is interpolated up along z (no padding: every slice
+the encoder sees is CT).
 
 Masks: each token mask is resized by *area fraction* (the fraction of each output voxel it covers:
 box averaging along the axes that shrink, linear interpolation along the axes that grow), then kept

@@ -43,8 +43,16 @@ from pipeline.features.encoder import (
 from pipeline.features.pooling import pool_tokens
 from pipeline.features.preprocess import PreparedVolume, prepare_volume
 from pipeline.io import InputError, image_array, read_image, setup_logging
+from pipeline.orientation import CANONICAL, reorientation
 
 CODE_VERSION = "features-2"
+# How a CT reaches the encoder, recorded in every cache's attributes (docs/data-and-segmentation.md)
+ORIENTATION = f"{CANONICAL} (ITK identity direction: +x patient left, +y posterior, +z superior); exact axis " \
+              "permutation and flips, a residual oblique rotation is not resampled away"
+RESAMPLING = ("CT: trilinear (align_corners false) from the canonical grid to input_size (D, H, W) whatever the "
+              "spacing: through-plane and in-plane scale factors differ per volume, the voxel aspect is not kept; "
+              "HU window after resizing. Masks: area fractions per output voxel (box averaging where an axis "
+              "shrinks, linear where it grows), kept at >= mask_threshold")
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -108,13 +116,35 @@ class ShardVolumes(torch.utils.data.Dataset):
         try:
             if self._masks is None:
                 self._masks = zarr.open_group(self.masks_zarr, mode="r")
-            ct = image_array(read_image(ct_path, volume_id), ct_path, volume_id, np.float32)
+            image = read_image(ct_path, volume_id)
+            # the CT on the masks' canonical grid (LPS, as the regions stage stores them): exact
+            # transpose / flip, nothing moves for a CT already in LPS
+            ct = canonical_ct(image_array(image, ct_path, volume_id, np.float32), image.GetDirection(), ct_path,
+                              volume_id, self._masks.attrs.get("orientation"))
             labels = np.asarray(self._masks[volume_id][...])
             if labels.shape != ct.shape:
                 raise InputError(f"volume {volume_id}: CT {ct_path} has shape {ct.shape}, masks {labels.shape}")
             return volume_id, prepare_volume(ct, labels, self.cfg, self.patch, volume_id)
         except (InputError, ValueError) as exc:
             return volume_id, exc
+
+
+def canonical_ct(ct: np.ndarray, direction: Sequence[float], ct_path: str, volume_id: str,
+                 masks_orientation: object) -> np.ndarray:
+    """The (z, y, x) CT in the canonical orientation (`pipeline.orientation`), C-contiguous.
+
+    A masks store without the `orientation` attribute was written before masks were reoriented (on
+    the CT's own grid): a CT that would move is refused rather than paired with masks on another grid."""
+    try:
+        turn = reorientation(direction)
+    except ValueError as exc:
+        raise InputError(f"volume {volume_id}: {ct_path}: {exc}") from None
+    if turn.identity:
+        return ct
+    if masks_orientation != CANONICAL:
+        raise InputError(f"volume {volume_id}: {ct_path} is not stored in {CANONICAL} and the masks store has no "
+                         f"{CANONICAL} orientation attribute (written by older code): rerun the regions stage")
+    return np.ascontiguousarray(turn.array(ct))
 
 
 def _as_is(item: Any) -> Any:
@@ -200,6 +230,8 @@ def run_shard(
     common = {
         **prov,
         "input_size": list(cfg.input_size),
+        "orientation": ORIENTATION,
+        "resampling": RESAMPLING,
         "hu_window": list(cfg.hu_window),
         "channel_windows": cfg.to_params()["channel_windows"],
         "mask_threshold": cfg.mask_threshold,
