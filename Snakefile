@@ -25,6 +25,7 @@ report: "workflow/report/workflow.rst"
 # Jobs that only gather files run on the submitting node, not as cluster jobs.
 localrules:
     all,
+    export_masks,
 
 
 include: "workflow/rules/common.smk"
@@ -39,6 +40,7 @@ include: "workflow/rules/reports.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:
