@@ -378,8 +378,9 @@ def test_empty_generated_report_is_scored_as_empty(tmp_path, shared_meteor):
     rc, m, _ = _run_cli(tmp_path, pred, ref)
     assert rc == 0 and m["n_volumes"] == 3
     assert m["inputs"]["n_prediction_empty"] == 1
-    for entry in m["nlg"]["report"].values():
-        assert 0.0 <= entry["value"] <= 1.0
+    for key, entry in m["nlg"]["report"].items():
+        assert 0.0 <= entry["value"] <= (10.0 if key == "CIDEr-D" else 1.0), key  # CIDEr-D is x10
+        assert entry["ci95"] is None or entry["ci95"][0] <= entry["value"] + 1e-12 <= entry["ci95"][1] + 2e-12, key
     assert m["nlg"]["regions"]["lung"]["n_prediction_empty"] == 1
 
 

@@ -1,8 +1,10 @@
 """Evaluation: NLG metrics, the CT-RATE abnormality labeler, CA-F1, GREEN and LLM-judge adapters, tables.
 
 Modules:
-  * ``nlg``          BLEU-1..4 (corpus + per report), METEOR (jar corpus + per report; NLTK-style), ROUGE-L
-  * ``meteor_nltk``  offline NLTK-algorithm METEOR (exact + Porter stem); ``porter`` its stemmer
+  * ``nlg``          BLEU-1..4, METEOR, ROUGE, CIDEr-D: every variant, each labelled (implementation, averaging)
+  * ``hf_evaluate``  Hugging Face ``evaluate``'s bleu / meteor (NLTK + WordNet 3.0) / rouge, offline
+  * ``bootstrap``    mean +- std, bootstrap CIs over volumes, paired bootstrap between experiments
+  * ``score``        ``python -m pipeline.evaluate score``: every variant on any CSV/Parquet of report pairs
   * ``labeler``      rule-based 18-class labeler; ``load_labeler`` picks it or ``radbert`` (CT-CLIP classifier)
   * ``clinical``     per-class P/R/F1 with macro / micro / weighted averages
   * ``green``        GREEN prompt, answer parser, local-model scoring (CLI)

@@ -1,32 +1,45 @@
-"""Natural-language-generation metrics: BLEU-1..4, METEOR (jar and NLTK-style), ROUGE-L.
+"""Natural-language-generation metrics: BLEU-1..4, METEOR, ROUGE and CIDEr-D, each variant labelled.
 
 Every number this module returns is a ``{"value", "implementation", "averaging"}`` dict, because the same
-metric name means different things in different papers (anchors: jar METEOR ~0.2 vs NLTK-style ~0.3-0.5 on
-the same CT-RATE-like text; corpus BLEU vs mean per-report BLEU). ``averaging`` is ``corpus`` (statistics
-pooled over all pairs, then one score) or ``report-mean`` (one score per report pair, then the mean).
+metric name means different things in different papers (the METEOR 1.5 jar gives ~0.2 where NLTK's METEOR
+gives ~0.3-0.5 on the same CT-RATE-like text; corpus BLEU differs from mean per-report BLEU). ``averaging``
+is ``corpus`` (statistics pooled over all pairs, then one score) or ``report-mean`` (one score per report
+pair, then the mean).
 
-Keys and implementations (pycocoevalcap version read at run time):
+Keys and implementations (package versions read at run time):
   * ``BLEU-n``               pycocoevalcap ``Bleu(4)``, corpus level: clipped n-gram matches and lengths
                              summed over all pairs, brevity penalty with option="closest".
   * ``BLEU-n report-mean``   the same call's per-pair sentence BLEU (pycocoevalcap smooths zero counts with
                              1e-9 / 1e-15, i.e. practically unsmoothed), averaged over reports.
+  * ``BLEU-n evaluate``      Hugging Face ``evaluate``'s ``bleu`` (smooth=True, max_order=n) per report, mean
+                             (:mod:`pipeline.evaluate.hf_evaluate`; raw texts, 13a tokens, add-one).
   * ``METEOR``               METEOR 1.5 jar shipped in pycocoevalcap (``-l en -norm``, exact + stem +
                              synonym + paraphrase modules) under Java, corpus level: the jar's aggregate
                              over all pairs (its final ``EVAL`` line). One JVM per :class:`MeteorScorer`.
   * ``METEOR report-mean``   the jar's per-pair (segment) scores of the same call, averaged over reports.
-  * ``METEOR-NLTK report-mean``  :mod:`pipeline.evaluate.meteor_nltk` (NLTK's algorithm, exact + Porter stem
-                             stages, no WordNet), averaged over reports: the scale of most CT papers.
+  * ``METEOR-NLTK report-mean``  NLTK's ``single_meteor_score`` (exact + Porter stem; its WordNet stage
+                             given no synsets) on the normalised whitespace tokens, averaged over reports.
+  * ``METEOR evaluate``      Hugging Face ``evaluate``'s ``meteor``: NLTK's METEOR with WordNet 3.0 on
+                             ``word_tokenize`` tokens of the raw texts, mean over reports. The entry's
+                             ``wordnet`` says whether WordNet was used; without a readable WordNet it is
+                             "not run" with the reason (config ``evaluate.wordnet``).
   * ``ROUGE-L``              ROUGE-L F-measure (LCS, beta 1.2) per pair exactly as pycocoevalcap ``Rouge``
                              (same whitespace tokens and formula; LCS length computed bit-parallel, equal to
-                             its dynamic programme, ~50x faster), averaged over reports (pycocoevalcap's
-                             ROUGE-L is a report mean too; there is no corpus variant).
+                             its dynamic programme, ~50x faster), averaged over reports.
+  * ``ROUGE-1/2/L evaluate`` Hugging Face ``evaluate``'s ``rouge`` (Google ``rouge_score``: its tokenizer,
+                             no stemmer, F-measure, beta 1) per report, mean.
+  * ``CIDEr-D``              pycocoevalcap ``Cider`` (CIDEr-D: n 1..4, sigma 6, clipped, x10) on the
+                             normalised texts; document frequencies from this set's references, per-report
+                             scores averaged (pycocoevalcap's own averaging).
 
-METEOR needs Java. When Java is missing or the jar fails, both METEOR entries are ``{"value": None,
-"status": "not run", "reason": ...}`` and every other metric is still computed.
+METEOR's jar needs Java. When Java is missing or the jar fails, both jar entries are ``{"value": None,
+"status": "not run", "reason": ...}`` and every other metric is still computed; likewise ``METEOR
+evaluate`` without WordNet.
 
-Texts are normalised by :func:`normalize_text` first (see ``NORMALISATION``). The Java PTB tokenizer of the
-COCO pipeline is not used (one more JVM start per call); the normaliser's punctuation stripping plays its
-part.
+The pycocoevalcap and NLTK-without-WordNet variants score texts normalised by :func:`normalize_text` (see
+``NORMALISATION``); the ``evaluate`` variants score the raw texts with their own tokenizers, as the
+peers' scripts do. The Java PTB tokenizer of the COCO pipeline is not used (one more JVM start per call);
+the normaliser's punctuation stripping plays its part.
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.evaluate import meteor_nltk
+from pipeline.evaluate import hf_evaluate
 
 EMPTY_PLACEHOLDER = "emptyreport"
 
@@ -64,19 +77,39 @@ NORMALISATION = (
 
 CORPUS, REPORT_MEAN = "corpus", "report-mean"
 
+_NLTK = f"nltk-{hf_evaluate._version('nltk')}"
+
 IMPLEMENTATIONS: dict[str, str] = {
     **{f"BLEU-{n}": f"{_PCE} Bleu(4) corpus-level (option=closest), BLEU-{n}" for n in range(1, 5)},
     **{
         f"BLEU-{n} report-mean": f"{_PCE} Bleu(4) per-pair sentence BLEU-{n} (1e-9 smoothing), mean over reports"
         for n in range(1, 5)
     },
+    **{f"BLEU-{n} evaluate": hf_evaluate.BLEU_IMPLEMENTATION.format(n=n) for n in range(1, 5)},
     "METEOR": f"{_PCE} meteor-1.5.jar (-l en -norm, Java) corpus-level aggregate",
     "METEOR report-mean": f"{_PCE} meteor-1.5.jar (-l en -norm, Java) per-pair scores, mean over reports",
-    "METEOR-NLTK report-mean": f"{meteor_nltk.IMPLEMENTATION}; mean over reports",
+    "METEOR-NLTK report-mean": (
+        f"NLTK single_meteor_score ({_NLTK}; alpha 0.9, beta 3, gamma 0.5), stages exact + Porter stem, no WordNet "
+        "synonym stage, on normalised whitespace tokens; mean over reports"
+    ),
+    "METEOR evaluate": hf_evaluate.METEOR_IMPLEMENTATION,
     "ROUGE-L": f"ROUGE-L F (beta=1.2) as {_PCE} Rouge (bit-parallel LCS), mean over reports",
+    "ROUGE-1 evaluate": hf_evaluate.rouge_implementation("rouge1"),
+    "ROUGE-2 evaluate": hf_evaluate.rouge_implementation("rouge2"),
+    "ROUGE-L evaluate": hf_evaluate.rouge_implementation("rougeL, LCS, beta 1"),
+    "CIDEr-D": (
+        f"{_PCE} Cider (CIDEr-D: n-grams 1..4, sigma 6, clipped, x10) on normalised texts, document "
+        "frequencies from this set's references; mean of per-report scores"
+    ),
 }
-AVERAGING: dict[str, str] = {k: (REPORT_MEAN if ("report-mean" in k or k == "ROUGE-L") else CORPUS) for k in IMPLEMENTATIONS}
+AVERAGING: dict[str, str] = {k: (CORPUS if k in {f"BLEU-{n}" for n in range(1, 5)} | {"METEOR"} else REPORT_MEAN)
+                             for k in IMPLEMENTATIONS}
 METRIC_KEYS: tuple[str, ...] = tuple(IMPLEMENTATIONS)
+# the per-report variants that scores.parquet keeps, one column each (corpus entries are rebuilt from
+# PYCOCO_BLEU_STATS columns; the jar's corpus aggregate only by the jar)
+PER_REPORT_KEYS: tuple[str, ...] = tuple(k for k in METRIC_KEYS if AVERAGING[k] == REPORT_MEAN)
+PYCOCO_BLEU_STATS: tuple[str, ...] = ("testlen", "reflen", *(f"guess-{n}" for n in range(1, 5)),
+                                      *(f"correct-{n}" for n in range(1, 5)))
 
 _PUNCT = re.compile(r"[.,](?!\d)|(?<!\d)[.,]|[;:!?()\[\]{}\"'`“”‘’•·]")
 _HYPHEN_EDGE = re.compile(r"(?<!\w)-+|-+(?!\w)")
@@ -294,6 +327,62 @@ def rouge_l(reference: str, hypothesis: str, beta: float = 1.2) -> float:
     return ((1 + beta**2) * prec * rec) / (rec + beta**2 * prec)
 
 
+# ---------------------------------------------------------------------------------------------- WordNet
+class WordNetNotRun:
+    """Pass as ``wordnet=`` to report ``METEOR evaluate`` as not run with ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def open_wordnet(folder: str | os.PathLike | None = None):
+    """NLTK's reader on WordNet 3.0 from ``folder`` (None: Debian's wordnet-base folder), or a
+    :class:`WordNetNotRun` saying why it cannot be read."""
+    try:
+        return hf_evaluate.load_wordnet(folder)
+    except hf_evaluate.WordNetUnavailable as e:
+        return WordNetNotRun(str(e))
+
+
+# ---------------------------------------------------------------------------------------------- corpus BLEU
+def corpus_bleu_from_stats(stats: np.ndarray) -> np.ndarray:
+    """pycocoevalcap's corpus BLEU-1..4 from summed per-pair statistics.
+
+    ``stats``: (..., 10) sums of the ``PYCOCO_BLEU_STATS`` columns (testlen, reflen, guess-1..4,
+    correct-1..4); returns (..., 4). The formula of ``BleuScorer.compute_score`` (tiny 1e-15, small 1e-9,
+    brevity penalty when testlen < reflen), vectorised so a bootstrap can rebuild the corpus score of every
+    resample from the per-pair statistics.
+    """
+    tiny, small = 1e-15, 1e-9
+    stats = np.asarray(stats, dtype=np.float64)
+    testlen, reflen = stats[..., 0], stats[..., 1]
+    guess, correct = stats[..., 2:6], stats[..., 6:10]
+    log_p = np.cumsum(np.log((correct + tiny) / (guess + small)), axis=-1)
+    bleus = np.exp(log_p / np.arange(1, 5))
+    ratio = (testlen + tiny) / (reflen + small)
+    bp = np.where(ratio < 1, np.exp(1 - 1 / np.maximum(ratio, 1e-300)), 1.0)
+    return bleus * bp[..., None]
+
+
+def _pycoco_bleu(refs: list[str], hyps: list[str]) -> tuple[list[float], list[list[float]], np.ndarray]:
+    """(corpus BLEU-1..4, per-pair BLEU-1..4 lists, per-pair statistics (n, 10)) as ``Bleu(4).compute_score``."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    scorer = BleuScorer(n=4)
+    for ref, hyp in zip(refs, hyps):
+        scorer += (hyp, [ref])
+    corpus, per_pair = scorer.compute_score(option="closest", verbose=0)
+    stats = np.array(
+        [
+            [c["testlen"], min((abs(length - c["testlen"]), length) for length in c["reflen"])[1], *c["guess"],
+             *c["correct"]]
+            for c in scorer.ctest
+        ],
+        dtype=np.int64,
+    )
+    return list(corpus), per_pair, stats
+
+
 # ---------------------------------------------------------------------------------------------- all metrics
 def _metric(value: float, name: str) -> dict:
     return {"value": float(value), "implementation": IMPLEMENTATIONS[name], "averaging": AVERAGING[name]}
@@ -316,13 +405,15 @@ def nlg_scores(
     strip_punct: bool = True,
     per_pair: bool = False,
     timings: dict[str, float] | None = None,
+    wordnet=None,
 ) -> dict:
     """All NLG metrics of ``hypotheses`` against ``references`` (paired by index); see the module docstring.
 
     ``meteor``: a shared :class:`MeteorScorer` (no JVM start here), ``None`` (start one and close it), or a
-    :class:`MeteorNotRun` (METEOR reported as not run). With ``per_pair`` the result also holds
-    ``"_per_pair": {metric: [scores]}`` for the report-mean metrics. ``timings``, when given, accumulates
-    seconds per implementation (bleu, meteor_jar, meteor_nltk, rouge_l).
+    :class:`MeteorNotRun` (METEOR reported as not run). ``wordnet``: a reader from :func:`open_wordnet`, a
+    :class:`WordNetNotRun`, or None (Debian's WordNet folder is read). With ``per_pair`` the result also
+    holds ``"_per_pair": {metric: [scores]}`` for the report-mean metrics and ``"_bleu_stats"`` (the (n, 10)
+    pycocoevalcap statistics of the corpus BLEU). ``timings``, when given, accumulates seconds per part.
     """
     clock = time.perf_counter
     timings = {} if timings is None else timings
@@ -330,23 +421,19 @@ def nlg_scores(
     def tick(name: str, t0: float) -> None:
         timings[name] = timings.get(name, 0.0) + clock() - t0
 
-    from pycocoevalcap.bleu.bleu import Bleu
-
-    references = list(references)
-    hypotheses = list(hypotheses)
+    references = ["" if r is None or (isinstance(r, float) and r != r) else str(r) for r in references]
+    hypotheses = ["" if h is None or (isinstance(h, float) and h != h) else str(h) for h in hypotheses]
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references vs {len(hypotheses)} hypotheses")
     if not references:
         raise ValueError("nlg_scores needs at least one pair")
     refs = [normalize_text(r, strip_punct) for r in references]
     hyps = [normalize_text(h, strip_punct) for h in hypotheses]
-    gts = {i: [r] for i, r in enumerate(refs)}
-    res = {i: [h] for i, h in enumerate(hyps)}
 
     out: dict = {}
     pairs: dict[str, list[float]] = {}
     t0 = clock()
-    bleu, bleu_pairs = Bleu(4).compute_score(gts, res, verbose=0)
+    bleu, bleu_pairs, bleu_stats = _pycoco_bleu(refs, hyps)
     for n in range(4):
         out[f"BLEU-{n + 1}"] = _metric(bleu[n], f"BLEU-{n + 1}")
     for n in range(4):
@@ -354,6 +441,13 @@ def nlg_scores(
         pairs[key] = [float(x) for x in bleu_pairs[n]]
         out[key] = _metric(np.mean(pairs[key]), key)
     tick("bleu", t0)
+
+    t0 = clock()
+    for n, scores in hf_evaluate.bleu_per_report(references, hypotheses, 4).items():
+        key = f"BLEU-{n} evaluate"
+        pairs[key] = scores
+        out[key] = _metric(np.mean(scores), key)
+    tick("bleu_evaluate", t0)
 
     t0 = clock()
     own = meteor is None
@@ -380,13 +474,40 @@ def nlg_scores(
     tick("meteor_jar", t0)
 
     t0 = clock()
-    pairs["METEOR-NLTK report-mean"] = meteor_nltk.meteor_texts(refs, hyps)
-    out["METEOR-NLTK report-mean"] = _metric(np.mean(pairs["METEOR-NLTK report-mean"]), "METEOR-NLTK report-mean")
+    key = "METEOR-NLTK report-mean"
+    pairs[key] = hf_evaluate.meteor_per_report(refs, hyps, wordnet=None, tokenize=str.split)
+    out[key] = _metric(np.mean(pairs[key]), key)
     tick("meteor_nltk", t0)
+
+    t0 = clock()
+    wn = open_wordnet() if wordnet is None else wordnet
+    if isinstance(wn, WordNetNotRun):
+        out["METEOR evaluate"] = {**_not_run("METEOR evaluate", wn.reason), "wordnet": False}
+    else:
+        pairs["METEOR evaluate"] = hf_evaluate.meteor_per_report(references, hypotheses, wordnet=wn)
+        out["METEOR evaluate"] = {**_metric(np.mean(pairs["METEOR evaluate"]), "METEOR evaluate"), "wordnet": True}
+    tick("meteor_evaluate", t0)
+
     t0 = clock()
     pairs["ROUGE-L"] = [rouge_l(r, h) for r, h in zip(refs, hyps)]
     out["ROUGE-L"] = _metric(np.mean(pairs["ROUGE-L"]), "ROUGE-L")
     tick("rouge_l", t0)
+
+    t0 = clock()
+    rouge = hf_evaluate.rouge_per_report(references, hypotheses)
+    for key, kind in (("ROUGE-1 evaluate", "rouge1"), ("ROUGE-2 evaluate", "rouge2"), ("ROUGE-L evaluate", "rougeL")):
+        pairs[key] = rouge[kind]
+        out[key] = _metric(np.mean(rouge[kind]), key)
+    tick("rouge_evaluate", t0)
+
+    t0 = clock()
+    from pycocoevalcap.cider.cider import Cider
+
+    _, cider_pairs = Cider().compute_score({i: [r] for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)})
+    pairs["CIDEr-D"] = [float(x) for x in cider_pairs]
+    out["CIDEr-D"] = _metric(np.mean(pairs["CIDEr-D"]), "CIDEr-D")
+    tick("cider", t0)
     if per_pair:
         out["_per_pair"] = pairs
+        out["_bleu_stats"] = bleu_stats
     return out

@@ -2,7 +2,9 @@
 
     python -m pipeline.evaluate --predictions P.parquet --references R.parquet --experiment NAME \
         --out metrics.json [--labeler rules|radbert --labeler-weights W --labeler-model-dir D] \
-        [--green green.json] [--judge judge.json] [--java JAVA]
+        [--green green.json] [--judge judge.json] [--java JAVA] [--wordnet DIR] [--scores-out scores.parquet] \
+        [--bootstrap-resamples 1000] [--seed 0]
+    python -m pipeline.evaluate score --predictions X.csv --references Y.csv ...   (pipeline.evaluate.score)
 
 Inputs and their tolerances: :mod:`pipeline.evaluate.inputs` (predictions without a reference are reported,
 not scored; non-UTF-8 text is repaired and counted; missing region columns count as empty). GREEN and the
@@ -12,14 +14,21 @@ is merged here; without one the block says ``"status": "not run"`` and why.
 metrics.json::
 
     {"experiment", "n_volumes" (pairs scored), "inputs": {...},
-     "nlg": {"report": {metric: {"value", "implementation", "averaging"[, "status", "reason"]}},
+     "nlg": {"report": {metric: {"value", "implementation", "averaging", "std", "ci95"[, "status", "reason"]}},
              "regions": {region: {metric: {...}, "n_pairs", "n_skipped_both_empty",
                                   "n_reference_empty", "n_prediction_empty"}}},
-     "clinical": {"labeler_vs_labeler": {...},           # CA-F1: labeler(findings) vs labeler(report)
+     "clinical": {"labeler_vs_labeler": {...},           # CA-F1: labeler(findings) vs labeler(report), + *_ci95
                   "labeler_vs_reference_labels": {...},  # labeler(report) vs the references' label columns
                   "labeler_on_references": {...}},       # labeler(findings) vs label columns (labeler check)
      "green": {...}, "judge": {...},
-     "implementations": {...}, "meteor_jvm_starts": 1}
+     "implementations": {...}, "meteor_jvm_starts": 1, "uncertainty": "...", "bootstrap": {"n_resamples", "seed"}}
+
+``std`` (over reports) and ``ci95`` (bootstrap over volumes) as :mod:`pipeline.evaluate.bootstrap` defines
+them. ``--scores-out`` writes scores.parquet, one row per volume: ``volume_id``; ``<part>/<metric>`` for
+part = report and each region and every per-report metric (NaN: region empty on both sides, or metric not
+run); ``<part>/pycoco BLEU <stat>`` (testlen, reflen, guess-n, correct-n: corpus BLEU of any subset is
+:func:`pipeline.evaluate.nlg.corpus_bleu_from_stats` of their sums); ``reference label/<class>`` and
+``prediction label/<class>`` (the labeler's 18 CT-RATE labels of the findings and the generated report).
 
 `evaluate()` also returns "timings_s" ({part: seconds}); the CLI prints it and the total time to its
 log instead of writing them into metrics.json, so that two runs on the same inputs write the same file.
@@ -44,6 +53,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.constants import CTRATE_CLASSES, REGIONS
+from pipeline.evaluate import bootstrap
+from pipeline.io import write_parquet
 from pipeline.evaluate.clinical import clinical_scores
 from pipeline.evaluate.inputs import Pairs, load_pairs, pair_frames
 from pipeline.evaluate.labeler import BACKENDS, load_labeler
@@ -52,10 +63,14 @@ from pipeline.evaluate.nlg import (
 )
 from pipeline.evaluate.nlg import (
     NORMALISATION,
+    PER_REPORT_KEYS,
+    PYCOCO_BLEU_STATS,
     MeteorNotRun,
     MeteorScorer,
+    corpus_bleu_from_stats,
     nlg_scores,
     open_meteor,
+    open_wordnet,
 )
 
 CA_F1_IMPLEMENTATION = (
@@ -105,7 +120,48 @@ def load_adapter_result(path: str | os.PathLike | None, name: str, config_key: s
     return block
 
 
-def evaluate(
+def _uncertainty(block: dict, values: dict[str, np.ndarray], stats: np.ndarray | None, counts: np.ndarray) -> None:
+    """Add ``std`` and ``ci95`` to every entry of one NLG block (see :mod:`pipeline.evaluate.bootstrap`).
+
+    ``values``: per-volume scores of the report-mean entries (NaN: no pair for that volume);
+    ``stats``: per-volume pycocoevalcap BLEU statistics (NaN rows: no pair) for the corpus BLEU entries.
+    """
+    for key, entry in block.items():
+        if not isinstance(entry, dict) or entry.get("status") == "not run" or "averaging" not in entry:
+            continue
+        if key in values:
+            b = bootstrap.mean_block(values[key], counts)
+            entry["std"], entry["ci95"] = b["std"], b["ci95"]
+        elif key.startswith("BLEU-") and stats is not None:
+            present = np.isfinite(stats[:, 0])
+            boot = corpus_bleu_from_stats(counts[:, present] @ stats[present])[:, int(key[5]) - 1]
+            entry["std"], entry["ci95"] = None, bootstrap.interval(boot)
+        else:
+            entry["std"], entry["ci95"] = None, None
+            entry["ci95_note"] = "the METEOR jar's corpus aggregate: only the jar aggregates its statistics"
+
+
+def _block_with_scores(refs: list[str], hyps: list[str], keep: list[int], n: int, prefix: str,
+                       columns: dict[str, np.ndarray], **kw) -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
+    """nlg_scores of the kept pairs; their per-pair scores spread over all n volumes (NaN elsewhere) into
+    ``columns`` under ``prefix``; returns (block, per-volume values, per-volume BLEU statistics)."""
+    block = nlg_scores([refs[i] for i in keep], [hyps[i] for i in keep], per_pair=True, **kw)
+    per_pair, stats = block.pop("_per_pair"), block.pop("_bleu_stats")
+    values: dict[str, np.ndarray] = {}
+    for key in PER_REPORT_KEYS:
+        v = np.full(n, np.nan)
+        if key in per_pair:
+            v[keep] = per_pair[key]
+        values[key] = v
+        columns[f"{prefix}/{key}"] = v
+    full = np.full((n, len(PYCOCO_BLEU_STATS)), np.nan)
+    full[keep] = stats
+    for j, name in enumerate(PYCOCO_BLEU_STATS):
+        columns[f"{prefix}/pycoco BLEU {name}"] = full[:, j]
+    return block, values, full
+
+
+def score_experiment(
     pred: pd.DataFrame | Pairs,
     ref: pd.DataFrame | None,
     experiment: str,
@@ -114,14 +170,19 @@ def evaluate(
     java: str | None = None,
     green: dict | None = None,
     judge: dict | None = None,
-) -> dict:
-    """All metrics of one experiment as the metrics.json dict (see module docstring).
+    wordnet=None,
+    n_resamples: int = bootstrap.DEFAULT_RESAMPLES,
+    seed: int = bootstrap.DEFAULT_SEED,
+) -> tuple[dict, pd.DataFrame]:
+    """(metrics.json dict, per-volume scores frame) of one experiment; see the module docstring.
 
     ``meteor``: a shared scorer (not closed here), a :class:`MeteorNotRun`, or None (one JVM is started for
-    the whole evaluation - report and all regions - and closed at the end).
+    the whole evaluation - report and all regions - and closed at the end). ``wordnet``: a reader from
+    :func:`pipeline.evaluate.nlg.open_wordnet`, a :class:`WordNetNotRun`, or None (Debian's folder).
     """
     pairs = pred if isinstance(pred, Pairs) else pair_frames(pred, ref)
     joined = pairs.frame
+    n = len(joined)
     labeler = labeler or load_labeler("rules")
     own = meteor is None
     starts_before = MeteorScorer.starts
@@ -129,17 +190,35 @@ def evaluate(
     t0 = time.perf_counter()
     meteor = open_meteor(java) if own else meteor
     timings["meteor_jvm_start"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    wordnet = open_wordnet() if wordnet is None else wordnet
+    timings["wordnet_load"] = time.perf_counter() - t0
+    counts = bootstrap.multiplicities(n, n_resamples, seed)
+    columns: dict[str, Any] = {"volume_id": joined["volume_id"].astype(str).to_numpy()}
+    t_boot = 0.0
     try:
-        report_nlg = nlg_scores(joined["findings"].tolist(), joined["report"].tolist(), meteor=meteor, timings=timings)
+        kw = {"meteor": meteor, "timings": timings, "wordnet": wordnet}
+        report_nlg, values, stats = _block_with_scores(
+            joined["findings"].tolist(), joined["report"].tolist(), list(range(n)), n, "report", columns, **kw
+        )
+        t1 = time.perf_counter()
+        _uncertainty(report_nlg, values, stats, counts)
+        t_boot += time.perf_counter() - t1
         regions: dict[str, dict] = {}
         for region in REGIONS:
             refs, hyps = joined[f"{region}_ref"].tolist(), joined[f"{region}_pred"].tolist()
             keep = [i for i in range(len(refs)) if not (_is_empty(refs[i]) and _is_empty(hyps[i]))]
             block: dict[str, Any] = {}
             if keep:
-                block.update(
-                    nlg_scores([refs[i] for i in keep], [hyps[i] for i in keep], meteor=meteor, timings=timings)
-                )
+                block, values, stats = _block_with_scores(refs, hyps, keep, n, region, columns, **kw)
+                t1 = time.perf_counter()
+                _uncertainty(block, values, stats, counts)
+                t_boot += time.perf_counter() - t1
+            else:
+                for key in PER_REPORT_KEYS:
+                    columns[f"{region}/{key}"] = np.full(n, np.nan)
+                for name in PYCOCO_BLEU_STATS:
+                    columns[f"{region}/pycoco BLEU {name}"] = np.full(n, np.nan)
             block["n_pairs"] = len(keep)
             block["n_skipped_both_empty"] = len(refs) - len(keep)
             block["n_reference_empty"] = sum(_is_empty(refs[i]) for i in keep)
@@ -153,10 +232,12 @@ def evaluate(
     ref_lab = labeler.label_reports(joined["findings"].tolist())
     hyp_lab = labeler.label_reports(joined["report"].tolist())
     timings["labeler"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
     impl = labeler.IMPLEMENTATION
     clinical: dict[str, Any] = {}
     block = clinical_scores(ref_lab, hyp_lab)
     block["implementation"] = f"{CA_F1_IMPLEMENTATION}; labels: {impl} on both sides"
+    block.update(bootstrap.f1_intervals(ref_lab, hyp_lab, counts))
     clinical["labeler_vs_labeler"] = block
     label_cols = [c for c in CTRATE_CLASSES if c in joined.columns]
     if len(label_cols) == len(CTRATE_CLASSES):
@@ -165,6 +246,7 @@ def evaluate(
         block["implementation"] = (
             f"{CA_F1_IMPLEMENTATION}; reference = label columns of the references, prediction = {impl}"
         )
+        block.update(bootstrap.f1_intervals(gold, hyp_lab, counts))
         clinical["labeler_vs_reference_labels"] = block
         block = clinical_scores(gold, ref_lab)
         block["implementation"] = (
@@ -177,10 +259,15 @@ def evaluate(
             f"references lack label columns {sorted(set(CTRATE_CLASSES) - set(label_cols))}; "
             "label-based scores skipped"
         )
+    timings["bootstrap"] = t_boot + time.perf_counter() - t1
+    for j, cls in enumerate(CTRATE_CLASSES):
+        columns[f"reference label/{cls}"] = np.asarray(ref_lab)[:, j].astype(np.int8)
+    for j, cls in enumerate(CTRATE_CLASSES):
+        columns[f"prediction label/{cls}"] = np.asarray(hyp_lab)[:, j].astype(np.int8)
 
-    return {
+    metrics = {
         "experiment": experiment,
-        "n_volumes": int(len(joined)),
+        "n_volumes": int(n),
         "n_references_without_prediction": pairs.report["n_references_without_prediction"],
         "inputs": pairs.report,
         "nlg": {"report": report_nlg, "regions": regions},
@@ -188,6 +275,8 @@ def evaluate(
         "green": green if green is not None else not_run("GREEN adapter not configured (evaluate.green is null)"),
         "judge": judge if judge is not None else not_run("LLM judge not configured (evaluate.judge is null)"),
         "meteor_jvm_starts": MeteorScorer.starts - starts_before,
+        "uncertainty": bootstrap.description(n_resamples, seed),
+        "bootstrap": {"n_resamples": n_resamples, "seed": seed},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "implementations": {
             **NLG_IMPLEMENTATIONS,
@@ -196,6 +285,12 @@ def evaluate(
             "normalisation": NORMALISATION,
         },
     }
+    return metrics, pd.DataFrame(columns)
+
+
+def evaluate(pred: pd.DataFrame | Pairs, ref: pd.DataFrame | None, experiment: str, **kw) -> dict:
+    """The metrics.json dict of one experiment (:func:`score_experiment` without the per-volume scores)."""
+    return score_experiment(pred, ref, experiment, **kw)[0]
 
 
 def outcome_blocks(predictions: Path, references: Path, skipped_qc: list[Path]) -> dict:
@@ -220,6 +315,16 @@ def _val(entry: dict) -> str:
     return _fmt(entry.get("value"))
 
 
+def _pm(entry: dict) -> str:
+    """"0.1234 +- 0.0567 [0.1100, 0.1300]": value, std over reports (when per report), 95 % bootstrap CI."""
+    text = _val(entry)
+    if entry.get("std") is not None:
+        text += f" +- {entry['std']:.4f}"
+    if entry.get("ci95"):
+        text += f" [{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}]"
+    return text
+
+
 def summary(metrics: dict) -> str:
     r = metrics["nlg"]["report"]
     ca = metrics["clinical"]["labeler_vs_labeler"]
@@ -228,13 +333,16 @@ def summary(metrics: dict) -> str:
     orphans = inp.get("predictions_without_reference", {}).get("count", 0)
     if orphans:
         lines.append(f"  {orphans} prediction(s) without a reference: reported, not scored")
-    for key in ("BLEU-4", "BLEU-4 report-mean", "ROUGE-L", "METEOR", "METEOR report-mean", "METEOR-NLTK report-mean"):
-        lines.append(f"  {key:26s} {_val(r[key]):>8s}  [{r[key]['averaging']}] {r[key]['implementation']}")
-    if r["METEOR"].get("status") == "not run":
-        lines.append(f"  METEOR not run: {r['METEOR']['reason']}")
+    for key, entry in r.items():
+        lines.append(f"  {key:26s} {_pm(entry):>38s}  [{entry['averaging']}]")
+    for key in ("METEOR", "METEOR evaluate"):
+        if r[key].get("status") == "not run":
+            lines.append(f"  {key} not run: {r[key]['reason']}")
+    ci = ca.get("macro_f1_ci95")
     lines.append(
-        f"  CA-F1 (labeler vs labeler): macro {_fmt(ca['macro_f1'])}  micro {_fmt(ca['micro_f1'])}  "
-        f"weighted {_fmt(ca['weighted_f1'])}"
+        f"  CA-F1 (labeler vs labeler): macro {_fmt(ca['macro_f1'])}"
+        + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+        + f"  micro {_fmt(ca['micro_f1'])}  weighted {_fmt(ca['weighted_f1'])}"
     )
     gold = metrics["clinical"].get("labeler_vs_reference_labels")
     if gold:
@@ -257,8 +365,37 @@ def summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def add_scoring_options(ap: argparse.ArgumentParser) -> None:
+    """The options shared by the experiment CLI and ``score``: Java, WordNet, bootstrap."""
+    ap.add_argument("--java", default=None, help="Java executable for the METEOR jar (default $MEDREGION_JAVA/java)")
+    ap.add_argument("--wordnet", type=Path, default=None,
+                    help="folder with WordNet 3.0's database files for 'METEOR evaluate' (default: Debian's "
+                         "wordnet-base folder, 'not run' when absent; a folder given here must exist)")
+    ap.add_argument("--bootstrap-resamples", type=int, default=bootstrap.DEFAULT_RESAMPLES)
+    ap.add_argument("--seed", type=int, default=bootstrap.DEFAULT_SEED, help="bootstrap seed")
+
+
+def wordnet_from_args(args: argparse.Namespace):
+    """The WordNet reader (or not-run reason) the options ask for; ValueError when --wordnet names a folder
+    that cannot be read (the user asked for it: an error, not a silent 'not run')."""
+    from pipeline.evaluate.nlg import WordNetNotRun
+
+    wn = open_wordnet(args.wordnet)
+    if args.wordnet is not None and isinstance(wn, WordNetNotRun):
+        raise ValueError(f"--wordnet / evaluate.wordnet: {wn.reason}")
+    if args.bootstrap_resamples < 1:
+        raise ValueError(f"--bootstrap-resamples must be >= 1, got {args.bootstrap_resamples}")
+    return wn
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["score"]:
+        from pipeline.evaluate.score import main as score_main
+
+        return score_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0],
+                                 epilog="python -m pipeline.evaluate score --help: score any CSV/Parquet of pairs")
     ap.add_argument("--predictions", required=True, type=Path, help=".parquet, .csv or .jsonl")
     ap.add_argument("--references", required=True, type=Path)
     ap.add_argument("--experiment", required=True)
@@ -269,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labeler-device", default="cpu")
     ap.add_argument("--green", type=Path, default=None, help="green.json from python -m pipeline.evaluate.green")
     ap.add_argument("--judge", type=Path, default=None, help="judge.json from python -m pipeline.evaluate.judge")
-    ap.add_argument("--java", default=None, help="Java executable for the METEOR jar (default $MEDREGION_JAVA/java)")
+    ap.add_argument("--scores-out", type=Path, default=None, help="scores.parquet: one row per volume")
+    add_scoring_options(ap)
     ap.add_argument("--skipped-qc", nargs="*", default=[], type=Path,
                     help="QC tables of the data stages: their skipped volumes are counted in metrics.json")
     args = ap.parse_args(argv)
@@ -277,14 +415,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pairs = load_pairs(args.predictions, args.references)
         labeler = load_labeler(args.labeler, args.labeler_weights, args.labeler_model_dir, args.labeler_device)
+        wordnet = wordnet_from_args(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     green = load_adapter_result(args.green, "GREEN", "green")
     judge = load_adapter_result(args.judge, "LLM judge", "judge")
-    metrics = evaluate(pairs, None, args.experiment, labeler=labeler, java=args.java, green=green, judge=judge)
+    metrics, scores = score_experiment(pairs, None, args.experiment, labeler=labeler, java=args.java, green=green,
+                                       judge=judge, wordnet=wordnet, n_resamples=args.bootstrap_resamples,
+                                       seed=args.seed)
     metrics.update(outcome_blocks(args.predictions, args.references, args.skipped_qc))
     timings = metrics.pop("timings_s", {})  # run-time measurements: the log, not the results file
+    if args.scores_out:
+        write_parquet(scores, args.scores_out)
     write_json_atomic(metrics, args.out)
     print(summary(metrics))
     print(f"  timings (s): {json.dumps(timings)}")
