@@ -357,32 +357,74 @@ def read_nifti_header(path: Path, volume_id: str) -> NiftiHeader | None:
     return parse_nifti_header(head)
 
 
-def _load_libdeflate() -> Any:
-    """libdeflate's C functions from the `deflate` wheel (None when unavailable: zlib is used)."""
+LIBDEFLATE_SYMBOLS = ("libdeflate_alloc_decompressor", "libdeflate_gzip_decompress_ex", "libdeflate_free_decompressor")
+
+
+def _load_libdeflate() -> tuple[Any, str]:
+    """libdeflate's C functions from the `deflate` wheel, or None and the reason (zlib is used then).
+
+    The wheel does not export libdeflate as a public API: the functions are looked up in its compiled
+    module by name, and each one is checked here, at import, so a release that hides them means a clear
+    fallback (logged by the regions stage, recorded in its QC table) instead of an error mid-run.
+    """
     try:
         import ctypes
 
         import deflate._deflate as native
-
+    except ImportError as exc:
+        return None, f"the deflate package is not importable ({exc})"
+    try:
         lib = ctypes.CDLL(native.__file__)
-        lib.libdeflate_alloc_decompressor.restype = ctypes.c_void_p
-        lib.libdeflate_alloc_decompressor.argtypes = []
-        size_p = ctypes.POINTER(ctypes.c_size_t)
-        lib.libdeflate_gzip_decompress_ex.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
-                                                      ctypes.c_void_p, ctypes.c_size_t, size_p, size_p]
-        lib.libdeflate_gzip_decompress_ex.restype = ctypes.c_int
-        lib.libdeflate_free_decompressor.argtypes = [ctypes.c_void_p]
-        lib.libdeflate_free_decompressor.restype = None
-        return lib
-    except (ImportError, OSError, AttributeError):
-        return None
+    except OSError as exc:
+        return None, f"{native.__file__} cannot be loaded ({exc})"
+    missing = [name for name in LIBDEFLATE_SYMBOLS if not hasattr(lib, name)]
+    if missing:
+        import deflate
+
+        return None, f"deflate {getattr(deflate, '__version__', '?')} does not export {', '.join(missing)}"
+    lib.libdeflate_alloc_decompressor.restype = ctypes.c_void_p
+    lib.libdeflate_alloc_decompressor.argtypes = []
+    size_p = ctypes.POINTER(ctypes.c_size_t)
+    lib.libdeflate_gzip_decompress_ex.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
+                                                  ctypes.c_void_p, ctypes.c_size_t, size_p, size_p]
+    lib.libdeflate_gzip_decompress_ex.restype = ctypes.c_int
+    lib.libdeflate_free_decompressor.argtypes = [ctypes.c_void_p]
+    lib.libdeflate_free_decompressor.restype = None
+    return lib, ""
 
 
-_LIBDEFLATE = _load_libdeflate()
+_LIBDEFLATE, LIBDEFLATE_PROBLEM = _load_libdeflate()
+
+# Which decoder inflates mask files (config `regions.decoder`): `auto` takes the sparse inflater for
+# uint8 masks on the CT grid and libdeflate for everything else, each when available, else zlib;
+# `sparse`, `libdeflate` and `zlib` insist on one (an unavailable one is an error, not a fallback).
+DECODERS = ("auto", "sparse", "libdeflate", "zlib")
+_DECODER = "auto"
+
+
+def set_decoder(name: str) -> str:
+    """Choose the mask decoder for this process; returns what will be used (see `decoder_in_use`)."""
+    global _DECODER
+    if name not in DECODERS:
+        raise ValueError(f"decoder {name!r} is not one of {DECODERS}")
+    if name == "sparse" and _SPARSE is None:
+        raise RuntimeError("decoder 'sparse' asked for, but pipeline/_sparse_gunzip.c was not built "
+                           "(pip install -e . with a C compiler)")
+    if name == "libdeflate" and _LIBDEFLATE is None:
+        raise RuntimeError(f"decoder 'libdeflate' asked for, but it is unavailable: {LIBDEFLATE_PROBLEM}")
+    _DECODER = name
+    return decoder_in_use()
+
+
+def decoder_in_use() -> str:
+    """`sparse+libdeflate`, `sparse+zlib`, `libdeflate` or `zlib`: the sparse inflater (uint8 masks on the
+    CT grid) and the decoder of every other file."""
+    general = "libdeflate" if _LIBDEFLATE is not None and _DECODER in ("auto", "sparse", "libdeflate") else "zlib"
+    return f"sparse+{general}" if _SPARSE is not None and _DECODER in ("auto", "sparse") else general
 
 
 def gzip_decoder_name() -> str:
-    return "libdeflate" if _LIBDEFLATE is not None else "zlib"
+    return decoder_in_use().split("+")[-1]
 
 
 MAX_DEFLATE_RATIO = 1032  # the most a deflate stream can expand
@@ -396,7 +438,8 @@ class Inflater:
 
     def __init__(self) -> None:
         self.buf = np.empty(0, np.uint8)
-        self._dec = _LIBDEFLATE.libdeflate_alloc_decompressor() if _LIBDEFLATE is not None else None
+        use = _LIBDEFLATE is not None and _DECODER != "zlib"
+        self._dec = _LIBDEFLATE.libdeflate_alloc_decompressor() if use else None
 
     def __del__(self) -> None:
         if self._dec is not None and _LIBDEFLATE is not None:
@@ -484,7 +527,7 @@ class SparseInflater:
 
     @staticmethod
     def available() -> bool:
-        return _SPARSE is not None
+        return _SPARSE is not None and _DECODER in ("auto", "sparse")
 
     def _clear(self) -> None:
         if self._layout is not None:

@@ -38,9 +38,10 @@ canonical orientation, chunked by 16 slices (zstd level ZSTD_LEVEL), attributes 
 `direction` (of that grid, SimpleITK x, y, z order), `channels_available` (channels at least one input structure maps to; a
 backend without heart chambers leaves those out) and, for masks, `channel_boxes` (each non-empty
 channel's [z0, z1, y0, y1, x0, x1]) and `channel_voxels` (voxel count of each MEASURED channel);
-group attributes `channels`, `table_version`, `orientation` ("LPS"), `volume_ids`, `complete`.
+group attributes `channels`, `table_version`, `orientation` ("LPS"), `decoder` (the mask decoder used:
+`sparse+libdeflate`, `sparse+zlib`, `libdeflate` or `zlib`; config `regions.decoder`), `volume_ids`, `complete`.
 QC `results/qc/regions/shard-<k>.parquet`: one row per volume: `volume_id`, `stage`, `status`
-(ok / error / skipped), `error`, `note`, `n_files`, `n_used`, `unknown`, `resampled`; and a picture per
+(ok / error / skipped), `error`, `note`, `n_files`, `n_used`, `unknown`, `resampled`, `decoder`; and a picture per
 sampled volume under `results/qc/regions/shard-<k>/` (axial and coronal slices, region overlays).
 """
 
@@ -65,6 +66,8 @@ from zarr.codecs import ZstdCodec
 
 from pipeline.constants import ATTRIBUTE_STRUCTURES, CHANNELS, LESIONS, REGIONS
 from pipeline.io import (
+    DECODERS,
+    LIBDEFLATE_PROBLEM,
     Inflater,
     InputError,
     MaskExtent,
@@ -76,6 +79,7 @@ from pipeline.io import (
     read_header_info,
     read_image,
     read_nifti_header,
+    set_decoder,
     setup_logging,
     write_parquet,
 )
@@ -84,7 +88,7 @@ from pipeline.orientation import CANONICAL, Reorientation, reorientation
 MASK_SUFFIX = ".nii.gz"
 MASK_SUFFIXES = (".nii.gz", ".nii")
 DEFAULT_VOCABULARY = "radgenome"
-QC_COLUMNS = ("volume_id", "stage", "status", "error", "note", "n_files", "n_used", "unknown", "resampled")
+QC_COLUMNS = ("volume_id", "stage", "status", "error", "note", "n_files", "n_used", "unknown", "resampled", "decoder")
 Z_CHUNK = 16
 # zstd's fast level -1: on these arrays (long runs of a few words) ~25% less compression time than
 # level 1 for ~7% larger chunks (0.34 vs 0.32 MB for a RadGenome-size volume); the same values read back
@@ -1085,8 +1089,14 @@ def run_shard(
     pictures: Path | None = None,
     n_pictures: int = 1,
     memory_cap_gb: float = DEFAULT_MEMORY_CAP_GB,
+    decoder: str = "auto",
 ) -> pd.DataFrame:
     log = setup_logging()
+    used = set_decoder(decoder)
+    if decoder == "auto" and "libdeflate" not in used and LIBDEFLATE_PROBLEM:
+        log.warning("libdeflate unavailable (%s): files the sparse inflater does not take are inflated by zlib",
+                    LIBDEFLATE_PROBLEM)
+    log.info("mask decoder: %s (regions.decoder: %s)", used, decoder)
     # A shard starts with no buffers, as a workflow job (one process per shard) does: reuse from an
     # earlier call in the same process would flatter in-process benchmarks, not help the workflow.
     with _POOL_LOCK:
@@ -1135,8 +1145,9 @@ def run_shard(
             log.info("[%d/%d] %s: %d structure files (%d used) merged in %.2f s", i, len(items), vid,
                      vm.n_files, vm.n_used, time.perf_counter() - t0)
         group.update_attributes({"channels": list(CHANNELS), "table_version": table.version,  # one write
-                                 "orientation": CANONICAL, "volume_ids": done, "complete": True})
-    qc_df = pd.DataFrame(qc, columns=list(QC_COLUMNS))
+                                 "orientation": CANONICAL, "decoder": used, "volume_ids": done,
+                                 "complete": True})
+    qc_df = pd.DataFrame(qc, columns=list(QC_COLUMNS)).assign(decoder=used)
     write_parquet(qc_df, out_qc)
     return qc_df
 
@@ -1350,11 +1361,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--memory-cap-gb", type=float, default=DEFAULT_MEMORY_CAP_GB)
     ap.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--decoder", choices=DECODERS, default="auto",
+                    help="mask decoder: auto (sparse inflater, libdeflate, zlib as available) or one of them")
     args = ap.parse_args(argv)
     manifest = pd.read_parquet(args.manifest)
     segment = pd.read_parquet(args.segment) if args.segment else None
     qc = run_shard(manifest, args.shard, LabelTable.load(args.table), args.out, args.qc, args.on_error,
-                   args.threads, segment, args.pictures, args.n_pictures, args.memory_cap_gb)
+                   args.threads, segment, args.pictures, args.n_pictures, args.memory_cap_gb, args.decoder)
     print(json.dumps(qc["status"].value_counts().to_dict()))
 
 

@@ -15,6 +15,7 @@ rule regions:
         on_error=config["on_error"],
         cap=config["segmentation"]["memory_cap_gb"],
         pictures=config["regions"]["qc_pictures"],
+        decoder=config["regions"]["decoder"],
     log:
         f"{RES}/logs/regions/shard-{{shard}}.log",
     benchmark:
@@ -28,4 +29,5 @@ rule regions:
         "python -m pipeline.regions --manifest {input.manifest} --shard {wildcards.shard} --segment {input.segment}"
         " --table {input.table} --out {output.masks} --qc {output.qc} --pictures {output.pictures}"
         " --n-pictures {params.pictures} --memory-cap-gb {params.cap} --on-error {params.on_error}"
+        " --decoder {params.decoder}"
         " --threads {threads} > {log} 2>&1"
