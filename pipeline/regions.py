@@ -83,6 +83,7 @@ from pipeline.io import (
     setup_logging,
     write_parquet,
 )
+from pipeline.label_colours import LESION_COLOURS, REGION_COLOURS  # QC overlays: the export's colours
 from pipeline.orientation import CANONICAL, Reorientation, reorientation
 
 MASK_SUFFIX = ".nii.gz"
@@ -935,9 +936,6 @@ def merge_labelmap(
 
 # ---- QC picture -----------------------------------------------------------------------------------
 
-REGION_COLOURS = {"lung": "#4c9be8", "airways": "#39d0d8", "mediastinum": "#f2c94c", "heart": "#eb5757",
-                  "osseous": "#f2f2f2", "abdomen": "#6fcf97"}
-LESION_COLOURS = {"nodule": "#ff00ff", "cyst": "#ff9f1a", "effusion": "#9b51e0"}
 
 
 def qc_picture(ct_path: Path, labels: np.ndarray, grid: CtGrid, volume_id: str, out_png: Path) -> None:
