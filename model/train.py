@@ -517,6 +517,7 @@ def main(argv=None) -> int:
             "truncated_volumes": (train_ds.truncated_ids + val_ds.truncated_ids)[:20],
             "empty_targets_dropped": train_ds.n_empty_targets + val_ds.n_empty_targets,
             "empty_target_volumes": (train_ds.empty_target_ids + val_ds.empty_target_ids)[:20],
+            "skipped_volumes": sorted(train_ds.skipped_ids + val_ds.skipped_ids),  # by a data stage (QC tables)
             "params": p,
         }
     )

@@ -42,7 +42,7 @@ from pipeline.features.encoder import (
 )
 from pipeline.features.pooling import pool_tokens
 from pipeline.features.preprocess import PreparedVolume, prepare_volume
-from pipeline.io import InputError, image_array, read_image, setup_logging
+from pipeline.io import InputError, image_array, read_image, setup_logging, write_parquet
 from pipeline.orientation import CANONICAL, reorientation
 
 CODE_VERSION = "features-2"
@@ -190,8 +190,10 @@ def run_shard(
     raw_out: Path | None = None,
     expect: dict[str, Any] | None = None,
     allow_download: bool = False,
+    qc_out: Path | None = None,
 ) -> list[str]:
-    """Encode the shard's volumes; write the pooled shard (`out`) and / or the raw-token cache."""
+    """Encode the shard's volumes; write the pooled shard (`out`) and / or the raw-token cache, and the
+    QC table `qc_out` (volume_id, stage, status ok / error / skipped, error; `pipeline.skipped` reads it)."""
     if out is None and raw_out is None:
         raise ValueError("nothing to write: give out and / or raw_out")
     log = setup_logging()
@@ -211,11 +213,14 @@ def run_shard(
     have_masks = set(masks.attrs["volume_ids"])
     rows = manifest[manifest["shard"] == shard]
     todo: list[tuple[str, str]] = []
+    qc: list[dict[str, str]] = []
     for row in rows.itertuples(index=False):
         if row.volume_id in have_masks:
             todo.append((str(row.volume_id), str(row.ct_path)))
         else:
             log.warning("volume %s has no masks (failed in the regions stage): skipped", row.volume_id)
+            qc.append({"volume_id": str(row.volume_id), "stage": "features", "status": "skipped",
+                       "error": f"no masks in {masks_zarr} (failed in an earlier stage)"})
 
     # the readers start now, so that the first volumes are ready when the weights are loaded
     volumes = stream_volumes(ShardVolumes(todo, str(masks_zarr), cfg, patch), cfg.workers, cfg.prefetch)
@@ -261,6 +266,7 @@ def run_shard(
                 if on_error != "skip":
                     raise prep
                 log.error("%s (skipped)", prep)
+                qc.append({"volume_id": volume_id, "stage": "features", "status": "error", "error": str(prep)})
                 tw = time.perf_counter()
                 continue
             if device.type == "cuda":
@@ -271,11 +277,14 @@ def run_shard(
             if raw_writer is not None:
                 raw_writer.add(volume_id, raw)
             ids.append(volume_id)
+            qc.append({"volume_id": volume_id, "stage": "features", "status": "ok", "error": ""})
             dt = time.perf_counter() - t0
             log.info("[%d/%d] %s encoded (%.2f volumes/s, %.1f slices/s, %.1f s waiting for input)", i, len(todo),
                      volume_id, len(ids) / dt, len(ids) * cfg.input_size[0] / dt, t_wait)
             tw = time.perf_counter()
     log.info("shard %d: %d volumes in %.1f s", shard, len(ids), time.perf_counter() - t0)
+    if qc_out is not None:
+        write_parquet(pd.DataFrame(qc, columns=["volume_id", "stage", "status", "error"]), qc_out)
     return ids
 
 
@@ -326,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     enc.add_argument("--out", type=Path, help="pooled feature shard (.zarr)")
     enc.add_argument("--raw-out", type=Path, help="raw-token cache shard (.zarr)")
     enc.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    enc.add_argument("--qc", type=Path, help="per-volume QC table (.parquet)")
     enc.add_argument("--threads", type=int, default=1)
     pool = sub.add_parser("pool", help="re-pool a raw-token shard")
     pool.add_argument("--raw", type=Path, required=True)
@@ -353,4 +363,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     run_shard(pd.read_parquet(args.manifest), args.shard, args.masks, args.encoder, args.revision, cfg, args.out,
               args.on_error, args.threads, raw_out=args.raw_out, expect=json.loads(args.expect_json) or None,
-              allow_download=args.allow_download)
+              allow_download=args.allow_download, qc_out=args.qc)

@@ -121,6 +121,15 @@ def experiment_features(wildcards):
     return [f"{feature_dir(pooling)}/shard-{s}.zarr" for s in shards()]
 
 
+def skip_qc_tables(wildcards):
+    """The data stages' QC tables an experiment's steps read (pipeline/skipped.py), in pipeline order: the
+    volumes skipped under `on_error: skip` are left out of training, generation and scoring."""
+    f = config["features"]
+    encoded = "raw" if f["raw_cache"] else experiment(wildcards.exp)["pooling"]
+    tables = [f"{RES}/qc/{stage}/shard-{s}.parquet" for stage in ("segment", "regions", "attributes") for s in shards()]
+    return tables + [f"{RES}/qc/features/{f['tag']}-{encoded}/shard-{s}.parquet" for s in shards()]
+
+
 def all_outputs(wildcards):
     exps = list(config["experiments"])
     return (

@@ -19,6 +19,7 @@ def evaluate_inputs(wildcards):
     files = {
         "predictions": f"{RES}/experiments/{wildcards.exp}/predictions.parquet",
         "references": f"{RES}/reports/test.parquet",
+        "qc": skip_qc_tables(wildcards),  # the skipped volumes, counted in metrics.json
     }
     if green_config():
         files["green"] = f"{RES}/experiments/{wildcards.exp}/green.json"
@@ -40,6 +41,7 @@ def evaluate_flags(wildcards, input):
         flags += ["--green", input.green]
     if "judge" in input.keys():
         flags += ["--judge", input.judge]
+    flags += ["--skipped-qc", *input.qc]
     return " ".join(shlex.quote(str(f)) for f in flags)
 
 

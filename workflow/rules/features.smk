@@ -9,6 +9,7 @@ ENC = FEAT["encoder"]
 FEATURE_TAG_DIR = f"{FEATURE_ARRAYS_DIR}/{FEAT['tag']}"
 RAW_FEATURES = f"{FEATURE_TAG_DIR}-raw/shard-{{shard}}.zarr"
 POOLED_FEATURES = f"{FEATURE_TAG_DIR}-{{pooling}}/shard-{{shard}}.zarr"
+FEATURES_QC = f"{RES}/qc/features/{FEAT['tag']}-{{pooling}}/shard-{{shard}}.parquet"  # pooling "raw" with raw_cache
 # settings that change the encoding (a change re-encodes); pooling settings only re-pool
 ENCODE_KEYS = ("input_size", "hu_window", "channel_windows", "layers", "batch_size", "mask_grid", "mask_threshold", "prefetch",
                "workers", "compressor", "device")
@@ -60,6 +61,7 @@ if not FEAT["raw_cache"]:
             encoder=encoder_input(),
         output:
             directory(POOLED_FEATURES),
+            qc=FEATURES_QC,
         wildcard_constraints:
             pooling="r2|lita",
         params:
@@ -76,7 +78,7 @@ if not FEAT["raw_cache"]:
         conda:
             "../../envs/pipeline.yaml"
         shell:
-            ENCODE_SHELL + " --out {output} > {log} 2>&1"
+            ENCODE_SHELL + " --out {output[0]} --qc {output.qc} > {log} 2>&1"
 
 else:
 
@@ -87,6 +89,7 @@ else:
             encoder=encoder_input(),
         output:
             directory(RAW_FEATURES),
+            qc=FEATURES_QC.replace("{pooling}", "raw"),
         params:
             cfg=as_json(encode_settings()),
             encoder=encoder_args(),
@@ -101,7 +104,7 @@ else:
         conda:
             "../../envs/pipeline.yaml"
         shell:
-            ENCODE_SHELL + " --raw-out {output} > {log} 2>&1"
+            ENCODE_SHELL + " --raw-out {output[0]} --qc {output.qc} > {log} 2>&1"
 
     rule pool:
         input:

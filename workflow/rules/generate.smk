@@ -13,6 +13,7 @@ rule generate:
         features=experiment_features,
         attributes=shard_files(f"{RES}/attributes/shard-{{shard}}.parquet"),
         test=f"{RES}/reports/test.parquet",
+        qc=skip_qc_tables,  # volumes skipped under on_error: skip get no prediction
     output:
         f"{RES}/experiments/{{exp}}/predictions.parquet",
     params:
@@ -29,6 +30,6 @@ rule generate:
         "../../envs/train.yaml"
     shell:
         "python -m model.generate --model {params.model_dir} --features {input.features}"
-        " --attributes {input.attributes} --reports {input.test} --out {output}"
+        " --attributes {input.attributes} --reports {input.test} --skipped-qc {input.qc} --out {output}"
         " --max-new-tokens {params.max_new_tokens} --batch-size {params.batch_size} {params.decoding}"
         " > {log} 2>&1"

@@ -37,6 +37,7 @@ TRAIN_INPUTS = dict(
     train=f"{RES}/reports/train.parquet",
     val=f"{RES}/reports/validation.parquet",
     llm=config["llm"]["path"],
+    qc=skip_qc_tables,  # volumes skipped under on_error: skip are left out
 )
 
 
@@ -63,7 +64,7 @@ rule train_stage1:
     shell:
         "python -m model.launch {params.launch} -- --stage 1"
         " --params-json {params.cfg} --features {input.features} --attributes {input.attributes}"
-        " --train-reports {input.train} --val-reports {input.val} --llm {input.llm}"
+        " --train-reports {input.train} --val-reports {input.val} --llm {input.llm} --skipped-qc {input.qc}"
         " --out {params.out} --resume --on-mismatch restart > {log} 2>&1"
 
 
@@ -92,5 +93,5 @@ rule train_stage2:
     shell:
         "python -m model.launch {params.launch} -- --stage 2"
         " --params-json {params.cfg} --features {input.features} --attributes {input.attributes}"
-        " --train-reports {input.train} --val-reports {input.val} --llm {input.llm}"
+        " --train-reports {input.train} --val-reports {input.val} --llm {input.llm} --skipped-qc {input.qc}"
         " --init {params.init} --out {params.out} --resume --on-mismatch restart > {log} 2>&1"
