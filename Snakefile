@@ -30,6 +30,7 @@ localrules:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/llm.smk"
 include: "workflow/rules/dicom_import.smk"
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/segment.smk"

