@@ -265,12 +265,15 @@ def test_template_placeholders_are_named(tmp_path: Path) -> None:
     proc = snakemake(tmp_path, "-n", "all", check=False, configfiles=[REPO / "config" / "radgenome.yaml"])
     assert proc.returncode != 0
     assert "placeholder paths (/path/to/...) in dataset.volumes_dir, dataset.masks_dir" in proc.stdout + proc.stderr
+    # the own-data override's table path is a placeholder too, until the user's file is named
+    proc = snakemake(tmp_path, "-n", "all", check=False, configfiles=[REPO / "config" / "own_data_demo_models.yaml"])
+    assert proc.returncode != 0 and "placeholder paths (/path/to/...) in dataset.manifest:" in proc.stdout + proc.stderr
 
 
 # ---- the documented example, through `all` -----------------------------------------------------------
 
 TINY = {
-    "shard_size": 3,
+    "shard_size": 5,  # one shard: shard planning from the rows has its own test; this saves a job per stage
     "train": {"stage1": {"epochs": 1, "lr": 1.0e-3, "batch_size": 2, "seed": 0},
               "stage2": {"epochs": 1, "lr": 3.0e-3, "batch_size": 2, "seed": 0}},
     "generate": {"max_new_tokens": 16, "batch_size": 4},
@@ -291,7 +294,7 @@ def test_example_runs_through_all_with_the_demo_models(shared_data: Path, tmp_pa
     assert (results / "demo" / "models" / "encoder" / "config.json").is_file()  # under its own results
     assert (results / "experiments" / "full" / "metrics.json").is_file()
     manifest = pd.read_parquet(results / "cohort.parquet")
-    assert len(manifest) == len(pd.read_csv(table)) == 5 and sorted(manifest["shard"].unique()) == [0, 1]
+    assert len(manifest) == len(pd.read_csv(table)) == 5 and set(manifest["split"]) == {"train", "validation", "test"}
     attrs = pd.concat(pd.read_parquet(p) for p in sorted((results / "attributes").glob("shard-*.parquet")))
     ts = attrs[attrs["volume_id"] == "ts_abdomen_train"].iloc[0]
     lobes = ["right_lower_lobe_ml", "left_upper_lobe_ml", "left_lower_lobe_ml"]  # the lobes this scan holds
