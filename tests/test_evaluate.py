@@ -479,7 +479,10 @@ def test_table_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(out / "ablation.csv", keep_default_na=False)
     assert list(df["experiment"]) == ["ours", "ablation-r2"]
-    assert list(df.columns[2:]) == [*COLUMNS, "degenerate fraction", "mostly degenerate"]
+    from pipeline.evaluate.table import UNCERTAINTY
+
+    spread = [f"{c} {u}" for c in COLUMNS for u in UNCERTAINTY]
+    assert list(df.columns[2:]) == [*COLUMNS, *spread, "degenerate fraction", "mostly degenerate"]
     for col in ("BLEU-4", "ROUGE-L", "METEOR", "CA-F1", "GREEN", "Judge"):
         assert any(c.startswith(col) for c in COLUMNS), col
     assert float(df.loc[0, "CA-F1 macro"]) == pytest.approx(0.45)
