@@ -126,7 +126,8 @@ def skip_qc_tables(wildcards):
     volumes skipped under `on_error: skip` are left out of training, generation and scoring."""
     f = config["features"]
     encoded = "raw" if f["raw_cache"] else experiment(wildcards.exp)["pooling"]
-    tables = [f"{RES}/qc/{stage}/shard-{s}.parquet" for stage in ("segment", "regions", "attributes") for s in shards()]
+    tables = [f"{RES}/qc/dicom/shard-{s}.parquet" for s in globals().get("DICOM_SHARDS", [])]  # own data's DICOM
+    tables += [f"{RES}/qc/{stage}/shard-{s}.parquet" for stage in ("segment", "regions", "attributes") for s in shards()]
     return tables + [f"{RES}/qc/features/{f['tag']}-{encoded}/shard-{s}.parquet" for s in shards()]
 
 
