@@ -36,6 +36,10 @@ def as_json(obj):
     return shlex.quote(json.dumps(obj, sort_keys=True))
 
 
+def skip_qc_tables(wildcards):
+    return []  # no data stage ran here: nothing was skipped
+
+
 include: "{rules}"
 
 
@@ -64,6 +68,7 @@ def workdir(tmp_path: Path):
         "experiments": {"full": {}, "r2": {}},
         "evaluate": {
             "java": "/nonexistent/jre/bin/java",
+            "bootstrap": {"resamples": 200, "seed": 7},
             "labeler": {"backend": "rules"},
             "green": {"model": None},
             "judge": {"endpoint": f"http://127.0.0.1:{server.server_address[1]}/v1", "model": "tiny-judge",
@@ -102,8 +107,15 @@ def test_evaluate_rules_config_judge_and_report(workdir: Path):
     assert float(table.loc["full", "Judge 0-100 report-mean"]) == 50.0
     assert float(table.loc["r2", "BLEU-4 corpus"]) < 0.01  # empty generated reports
     assert (res / "tables" / "ca_per_class.md").is_file()
+    # per-volume scores and the paired comparison with `full` (r2 generated nothing: worse on every pair)
+    scores = pd.read_parquet(res / "experiments" / "full" / "scores.parquet")
+    assert len(scores) == 3 and "report/BLEU-4 evaluate" in scores and "lung/ROUGE-L evaluate" in scores
+    assert m["bootstrap"] == {"n_resamples": 200, "seed": 7}
+    assert m["nlg"]["report"]["BLEU-4 evaluate"]["ci95"] is not None
+    assert float(table.loc["r2", "vs full: BLEU-4 difference"]) < 0
+    assert table.loc["full", "vs full: BLEU-4 difference"] == ""  # the baseline has no comparison with itself
 
     _snakemake(workdir, "--report", "report.html")
     html = (workdir / "report.html").read_text(encoding="utf-8", errors="replace")
-    for name in ("ablation.csv", "ablation.png", "ablation.md", "ca_per_class.csv", "metrics.json"):
+    for name in ("ablation.csv", "ablation.png", "ablation.md", "ca_per_class.csv", "metrics.json", "scores.parquet"):
         assert name in html, name

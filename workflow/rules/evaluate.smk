@@ -28,6 +28,12 @@ def evaluate_inputs(wildcards):
     return files
 
 
+def bootstrap_flags():
+    """Resamples and seed of the bootstrap CIs and paired tests (config evaluate.bootstrap)."""
+    b = EVAL.get("bootstrap") or {}
+    return ["--bootstrap-resamples", str(b.get("resamples", 1000)), "--seed", str(b.get("seed", 0))]
+
+
 def evaluate_flags(wildcards, input):
     lab = EVAL.get("labeler") or {}
     flags = ["--labeler", lab.get("backend", "rules"), "--labeler-device", lab.get("device", "cpu")]
@@ -37,6 +43,9 @@ def evaluate_flags(wildcards, input):
         flags += ["--labeler-model-dir", repo_file(lab["model_dir"])]
     if EVAL.get("java"):
         flags += ["--java", EVAL["java"]]
+    if EVAL.get("wordnet"):  # null: Debian's wordnet-base folder ('METEOR evaluate' not run without it)
+        flags += ["--wordnet", repo_file(EVAL["wordnet"])]
+    flags += bootstrap_flags()
     if "green" in input.keys():
         flags += ["--green", input.green]
     if "judge" in input.keys():
@@ -109,11 +118,18 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        report(
+        metrics=report(
             f"{RES}/experiments/{{exp}}/metrics.json",
             caption="../report/metrics.rst",
             category="Results",
             subcategory="metrics.json per experiment",
+            labels={"experiment": "{exp}"},
+        ),
+        scores=report(
+            f"{RES}/experiments/{{exp}}/scores.parquet",
+            caption="../report/scores.rst",
+            category="Results",
+            subcategory="Per-volume scores",
             labels={"experiment": "{exp}"},
         ),
     params:
@@ -126,12 +142,13 @@ rule evaluate:
         "../../envs/evaluate.yaml"
     shell:
         "python -m pipeline.evaluate --predictions {input.predictions} --references {input.references}"
-        " --experiment {wildcards.exp} --out {output} {params.flags} > {log} 2>&1"
+        " --experiment {wildcards.exp} --out {output.metrics} --scores-out {output.scores} {params.flags} > {log} 2>&1"
 
 
 rule ablation_table:
     input:
-        expand(f"{RES}/experiments/{{exp}}/metrics.json", exp=list(config["experiments"])),
+        metrics=expand(f"{RES}/experiments/{{exp}}/metrics.json", exp=list(config["experiments"])),
+        scores=expand(f"{RES}/experiments/{{exp}}/scores.parquet", exp=list(config["experiments"])),
     output:
         csv=report(f"{RES}/tables/ablation.csv", caption="../report/ablation.rst", category="Results",
                    subcategory="Ablation table"),
@@ -145,6 +162,8 @@ rule ablation_table:
                      subcategory="Clinical accuracy per class"),
     params:
         out_dir=f"{RES}/tables",
+        # the paired comparison is against `full` (the paper's model); flags as the evaluate rule's
+        flags=lambda wc: " ".join(["--baseline", str(EVAL.get("baseline", "full")), *bootstrap_flags()]),
     log:
         f"{RES}/logs/ablation_table.log",
     benchmark:
@@ -152,4 +171,5 @@ rule ablation_table:
     conda:
         "../../envs/evaluate.yaml"
     shell:
-        "python -m pipeline.evaluate.table --metrics {input} --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m pipeline.evaluate.table --metrics {input.metrics} --scores {input.scores}"
+        " --out-dir {params.out_dir} {params.flags} > {log} 2>&1"
