@@ -41,6 +41,7 @@ include: "workflow/rules/reports.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/samples.smk"
 include: "workflow/rules/export.smk"
 
 

@@ -136,5 +136,6 @@ def all_outputs(wildcards):
     return (
         [f"{RES}/experiments/{e}/metrics.json" for e in exps]
         + [f"{RES}/tables/ablation.{ext}" for ext in ("csv", "md", "png")]
+        + [f"{RES}/experiments/{e}/samples.html" for e in exps] + [f"{RES}/tables/ca_per_class_chart.png"]
         + [f"{RES}/qc/regions/shard-{s}.parquet" for s in shards()]
     )

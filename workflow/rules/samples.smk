@@ -1,0 +1,48 @@
+# Reports to read (pipeline/report_samples.py): per experiment a page of sampled generated reports beside
+# their references, and a chart of clinical F1 per class across experiments; both in `snakemake --report`.
+SAMPLES = config["report_samples"]
+
+
+rule report_samples:
+    input:
+        predictions=f"{RES}/experiments/{{exp}}/predictions.parquet",
+        references=f"{RES}/reports/test.parquet",
+        scores=f"{RES}/experiments/{{exp}}/scores.parquet",
+    output:
+        report(f"{RES}/experiments/{{exp}}/samples.html", caption="../report/samples.rst", category="Results",
+               subcategory="Generated reports", labels={"experiment": "{exp}"}),
+    params:
+        n=SAMPLES["n"],
+        seed=SAMPLES["seed"],
+    log:
+        f"{RES}/logs/report_samples/{{exp}}.log",
+    benchmark:
+        f"{RES}/benchmarks/report_samples/{{exp}}.tsv"
+    conda:
+        "../../envs/evaluate.yaml"
+    shell:
+        "python -m pipeline.report_samples samples --predictions {input.predictions} --references {input.references}"
+        " --scores {input.scores} --experiment {wildcards.exp} --n {params.n} --seed {params.seed}"
+        " --out {output} > {log} 2>&1"
+
+
+rule ca_per_class_chart:
+    input:
+        expand(f"{RES}/experiments/{{exp}}/scores.parquet", exp=list(config["experiments"])),
+    output:
+        png=report(f"{RES}/tables/ca_per_class_chart.png", caption="../report/ca_per_class_chart.rst",
+                   category="Results", subcategory="Clinical accuracy per class"),
+        csv=f"{RES}/tables/ca_per_class_chart.csv",
+    params:
+        experiments=list(config["experiments"]),
+        resamples=config["evaluate"].get("bootstrap", {}).get("resamples", 1000),
+        seed=config["evaluate"].get("bootstrap", {}).get("seed", 0),
+    log:
+        f"{RES}/logs/ca_per_class_chart.log",
+    benchmark:
+        f"{RES}/benchmarks/ca_per_class_chart.tsv"
+    conda:
+        "../../envs/evaluate.yaml"
+    shell:
+        "python -m pipeline.report_samples chart --scores {input} --experiments {params.experiments}"
+        " --resamples {params.resamples} --seed {params.seed} --out {output.png} > {log} 2>&1"
