@@ -48,7 +48,10 @@ def resolve_demo_model_paths(config: dict[str, Any], results: str) -> None:
     for section, name in ((config["features"]["encoder"], "encoder"), (config["llm"], "llm")):
         where = "features.encoder" if name == "encoder" else "llm"
         if section.get("path") in (None, ""):
+            if name == "llm" and section.get("gguf"):
+                continue  # the GGUF import rule (llm.smk) names the converted folder
             if not section.get("build_demo", False):
                 raise ValueError(f"{where}.path is not set: give the local model folder, or set "
-                                 f"{where}.build_demo: true for the demo model")
+                                 f"{where}.build_demo: true for the demo model"
+                                 + (" (or llm.gguf, a GGUF file to import)" if name == "llm" else ""))
             section["path"] = f"{results}/demo/models/{name}"

@@ -253,6 +253,9 @@ def test_demo_models_live_under_the_configured_results(tmp_path: Path) -> None:
     assert cfg["features"]["encoder"]["path"] == "res-a/demo/models/encoder" and cfg["llm"]["path"] == "/models/llama"
     with pytest.raises(ValueError, match=r"llm\.path is not set"):
         resolve_demo_model_paths({"features": {"encoder": {"path": "x"}}, "llm": {"path": None}}, "r")
+    gguf = {"features": {"encoder": {"path": "x"}}, "llm": {"path": None, "gguf": "model.gguf"}}
+    resolve_demo_model_paths(gguf, "r")  # a GGUF import names its own folder (llm.smk)
+    assert gguf["llm"]["path"] is None
 
 
 def test_template_placeholders_are_named(tmp_path: Path) -> None:
