@@ -87,6 +87,8 @@ def reorientation(direction: Sequence[float]) -> Reorientation:
     Each index axis goes to the patient axis its column points along most; a direction whose columns
     do not point along three different patient axes (degenerate, or 45 degrees oblique) is refused.
     """
+    if len(direction) != 9:
+        raise ValueError(f"direction matrix {list(direction)} is not 3 x 3")
     d = np.asarray(direction, float).reshape(3, 3)
     if not np.all(np.isfinite(d)):
         raise ValueError(f"direction matrix {list(direction)} is not finite")

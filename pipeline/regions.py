@@ -1039,8 +1039,10 @@ def process_volume(item: dict[str, object], table: LabelTable, threads: int,
                    memory_cap_bytes: int | None, out: np.ndarray | None = None, encode: bool = False) -> VolumeMasks:
     """One volume's packed masks, on the canonical (LPS) grid (`to_canonical`)."""
     vid, ct_path = str(item["volume_id"]), Path(str(item["ct_path"]))
-    if encode and not _turn(read_header_info(ct_path, vid).GetDirection(), ct_path).identity:
-        encode = False  # the chunks are made after the array is turned
+    if encode:
+        header = read_header_info(ct_path, vid)  # a CT that is not 3D is refused, with its reason, by the merge
+        if header.GetDimension() == 3 and not _turn(header.GetDirection(), ct_path).identity:
+            encode = False  # the chunks are made after the array is turned
     if item["mask_format"] == "labelmap":
         vm = merge_labelmap(vid, ct_path, Path(str(item["mask_path"])),
                             {int(k): v for k, v in json.loads(str(item["label_names"])).items()},
