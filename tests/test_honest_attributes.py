@@ -5,7 +5,7 @@ in the scan" (never "0.0 ml"); one the segmenter does not produce reads "not ass
 ../shared/data (skipped when absent): TotalSegmentator's example CT (112 slices, 3 mm) and its label
 map, cut into two slabs, each segmented three ways: per-structure files, the label map with its label
 names, and the `totalsegmentator` backend (a stand-in executable that writes the real label map).
-About 10 s on a 2-core machine.
+About 5 s on a 2-core machine.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ of per-structure files or as one label map with its label names, read through th
 
 Real data from ../shared/data (skipped when absent): the TotalSegmentator example CT with its label map
 (also split into per-structure files, as TotalSegmentator writes without --ml) and the chest crop with
-its per-structure masks. About 15 s on a 2-core machine.
+its per-structure masks. About 6 s on a 2-core machine.
 """
 
 from __future__ import annotations

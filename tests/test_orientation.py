@@ -158,7 +158,7 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, ob
     manifest = pd.DataFrame(rows)
     seg_table = segment.run_shard(manifest, 0, "precomputed", tmp / "seg.parquet")
     regions.run_shard(manifest, 0, TABLE, tmp / "masks.zarr", tmp / "qc.parquet", segment=seg_table,
-                      pictures=tmp / "pics", n_pictures=3)
+                      pictures=tmp / "pics", n_pictures=1)  # the first: stored against LPS
     attrs = attributes.run_shard(tmp / "masks.zarr", tmp / "attrs.parquet").set_index("volume_id")
     build_demo_encoder(tmp / "encoder", hidden_size=32, layers=2, heads=2)
     cfg = FeatureConfig(input_size=(8, 56, 56), layers=(1, 2), pooling="lita", slices=4, region_grid=(2, 2),
@@ -184,7 +184,7 @@ def test_the_same_volume_stored_three_ways_gives_one_mask_array(variants) -> Non
     liver = np.argwhere(regions.unpack_channel(labels, "liver"))
     bone = np.argwhere(regions.unpack_channel(labels, "osseous"))
     assert liver[:, 2].mean() < labels.shape[2] / 2 and bone[:, 1].mean() > liver[:, 1].mean()
-    assert all((variants["tmp"] / "pics" / f"{name}.png").is_file() for name in VARIANTS)
+    assert (variants["tmp"] / "pics" / "as_stored.png").is_file()
 
 
 def test_the_same_volume_stored_three_ways_gives_equal_attributes(variants) -> None:
