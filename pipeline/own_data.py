@@ -76,7 +76,8 @@ def read_table(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+            # utf-8-sig: a spreadsheet's byte-order mark would otherwise glue itself to the first column name
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
         elif suffix == ".parquet":
             df = pd.read_parquet(path)
             df = df.astype(object).where(df.notna(), "").astype(str)

@@ -64,10 +64,12 @@ def _write(root: Path, rows: list[dict[str, str]], suffix: str = ".csv", name: s
     return path
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".csv-with-bom"])
 def test_table_rows_become_the_cohort_manifest(tmp_path: Path, suffix: str) -> None:
     _own_files(tmp_path)
-    table = _write(tmp_path, _rows(), suffix)
+    table = _write(tmp_path, _rows(), suffix.removesuffix("-with-bom"))
+    if suffix.endswith("-with-bom"):  # as a spreadsheet saves "CSV UTF-8"
+        table.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())
     manifest = cohort.build_own_manifest(table, shard_size=1, dicom_dir=tmp_path / "dicom", require_masks=True)
     assert list(manifest.columns) == list(cohort.MANIFEST_COLUMNS)
     # ids in any safe shape, sorted, one shard each at shard_size 1
