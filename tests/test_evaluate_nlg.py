@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED_DATA, no_network_prefix
 
 from pipeline.evaluate import hf_evaluate
-from tests.conftest import SHARED_DATA
 from pipeline.evaluate.nlg import MeteorNotRun, WordNetNotRun, nlg_scores, normalize_text, open_wordnet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,8 +207,6 @@ def test_meteor_with_wordnet_never_touches_the_network(wordnet, monkeypatch):
 
 
 def test_meteor_with_wordnet_in_a_process_without_network():
-    from tests.conftest import no_network_prefix
-
     prefix = no_network_prefix()
     if not prefix:
         pytest.skip("no network namespace here (needs root and unshare)")

@@ -54,7 +54,6 @@ import pandas as pd
 
 from pipeline.constants import CTRATE_CLASSES, REGIONS
 from pipeline.evaluate import bootstrap
-from pipeline.io import write_parquet
 from pipeline.evaluate.clinical import clinical_scores
 from pipeline.evaluate.inputs import Pairs, load_pairs, pair_frames
 from pipeline.evaluate.labeler import BACKENDS, load_labeler
@@ -72,6 +71,7 @@ from pipeline.evaluate.nlg import (
     open_meteor,
     open_wordnet,
 )
+from pipeline.io import write_parquet
 
 CA_F1_IMPLEMENTATION = (
     "pipeline.evaluate.clinical per-class P/R/F1 on 18 CT-RATE classes; macro over classes with support, "
