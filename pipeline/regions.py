@@ -914,6 +914,8 @@ def merge_labelmap(
     unknown_names: list[str] = []
     n_used = 0
     for idx, name in label_names.items():
+        if idx == 0:  # background ("0<TAB>background" in some class maps)
+            continue
         kind = vocab.classify(name)
         if kind == "used":
             lut[idx] = vocab.bits[name]

@@ -288,7 +288,7 @@ def test_label_map_through_the_table(tmp_path: Path) -> None:
     lab[3, 0:4] = 5  # liver
     lab[4, 0, 0] = 99  # not a known class
     write_image(tmp_path / "seg.nii.gz", lab)
-    names = {10: "lung_upper_lobe_left", 5: "liver", 90: "brain"}
+    names = {0: "background", 10: "lung_upper_lobe_left", 5: "liver", 90: "brain"}
     vm = regions.merge_labelmap("v", ct, tmp_path / "seg.nii.gz", names, TABLE)
     assert regions.unpack_channel(vm.labels, "left_upper_lobe").sum() == 2 * 8 * 9
     assert (regions.unpack_channel(vm.labels, "lung") == regions.unpack_channel(vm.labels, "left_upper_lobe")).all()
