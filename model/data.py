@@ -208,16 +208,44 @@ class ReportDataset(Dataset):
 class Collator:
     """Pads to the longest sequence in the batch, not to max_length.
 
-    Right padding for training, left padding for generation.
+    Right padding for training, left padding for generation. With `pack=True` (training) the batch's
+    samples are instead laid end to end in one row, nothing padded: `position_ids` restart at 0 for every
+    sample, which makes transformers' causal mask block-diagonal (no sample attends to another), and
+    `vision` / `mask_pooled` / `mask_grid` are concatenated in the same order, so each sample's placeholders
+    take its own embeddings. Every sample starts with its prompt (labels ignored), so no position predicts
+    across a boundary and the loss (mean over the batch's target tokens) is the padded batch's.
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+    def __init__(self, pad_token_id: int, padding_side: str = "right", pack: bool = False):
         if padding_side not in ("left", "right"):
             raise ValueError("padding_side must be 'left' or 'right'")
+        if pack and padding_side != "right":
+            raise ValueError("packing is for training batches (right side)")
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
+        self.pack = pack
+
+    def _packed(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """One row of shape (1, sum of lengths): input_ids, labels, position_ids; features (1, k * n, ...)."""
+        input_ids = torch.cat([torch.as_tensor(it["input_ids"], dtype=torch.long) for it in items])[None]
+        labels = torch.cat([torch.as_tensor(it["labels"], dtype=torch.long) for it in items])[None]
+        position_ids = torch.cat([torch.arange(len(it["input_ids"])) for it in items])[None]
+        batch: dict[str, Any] = {
+            "volume_ids": [it["volume_id"] for it in items],
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "position_ids": position_ids,
+            "labels": labels,
+            "vision": torch.cat([it["vision"] for it in items])[None],
+        }
+        if "mask_pooled" in items[0]:
+            batch["mask_pooled"] = torch.cat([it["mask_pooled"] for it in items])[None]
+            batch["mask_grid"] = torch.cat([it["mask_grid"] for it in items])[None]
+        return batch
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if self.pack:
+            return self._packed(items)
         n = max(len(it["input_ids"]) for it in items)
         b = len(items)
         input_ids = torch.full((b, n), self.pad_token_id, dtype=torch.long)

@@ -412,16 +412,24 @@ class MedRegionCT(nn.Module):
         mask_pooled: torch.Tensor | None = None,
         mask_grid: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         **_: Any,
     ):
+        """Shapes: input_ids / attention_mask / labels (B, T); vision (B, n_vision, C); mask_pooled (B, M, L, C);
+        mask_grid (B, M, d, h, w). A packed batch (`model.data.Collator(pack=True)`) is one row holding
+        several samples, with `position_ids` (1, T) restarting at 0 for each: the LM then gets no attention
+        mask and builds a block-diagonal causal one from the position ids."""
         embeds = self.build_inputs_embeds(input_ids, vision, mask_pooled, mask_grid)
         if labels is not None:  # never learn to predict a placeholder
             labels = labels.masked_fill(self.placeholder_mask(input_ids), IGNORE_INDEX)
+        lm_kw: dict[str, Any] = {"attention_mask": attention_mask}
+        if position_ids is not None:  # packed: no padding, sample boundaries from the position ids
+            lm_kw = {"attention_mask": None, "position_ids": position_ids}
         if labels is None or not self.logits_on_targets:
-            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
-        return self._loss_on_targets(embeds, attention_mask, labels)
+            return self.llm(inputs_embeds=embeds, labels=labels, use_cache=False, **lm_kw)
+        return self._loss_on_targets(embeds, labels, **lm_kw)
 
-    def _loss_on_targets(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    def _loss_on_targets(self, embeds: torch.Tensor, labels: torch.Tensor, **lm_kw: Any):
         """The LM's causal loss with logits only where some row of the batch predicts a target token.
 
         Position p predicts token p + 1; `logits_to_keep` (a 1-D index tensor) makes the LM head run on
@@ -432,7 +440,7 @@ class MedRegionCT(nn.Module):
 
         shifted = labels[:, 1:]
         keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
+        out = self.llm(inputs_embeds=embeds, logits_to_keep=keep, use_cache=False, **lm_kw)
         logits = out.logits
         targets = shifted[:, keep]
         loss = nn.functional.cross_entropy(

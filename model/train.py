@@ -56,6 +56,10 @@ DEFAULTS = {
     "pooling": "r2",
     "gradient_checkpointing": False,  # GPU only: on CPU it is skipped (recomputation costs time, memory is not short)
     "logits_on_targets": True,  # LM head only on target positions (same loss, less CPU time: benchmarks/train_logits.py)
+    # several samples per micro-batch laid end to end in one row (position ids restart per sample, block-
+    # diagonal attention): nothing is padded; same loss as the padded batch (tests/test_packing.py)
+    "pack": False,
+    "fused_adamw": False,  # torch's fused AdamW kernel (one launch for all parameters; pays on GPUs)
     "new_token_init": "zero",  # placeholder rows: "zero" (demo) or "mean" (a pretrained LM, config/smollm2.yaml)
     "llm_dtype": "auto",  # auto: bf16 weights when the accelerate config says bf16, else fp32
     "checkpoint_every": 500,  # optimizer steps; 0 = no intermediate checkpoints
@@ -386,7 +390,7 @@ def main(argv=None) -> int:
         val_references = reference_texts(args.val_reports, val_prompts.volume_ids)
     best = BestWeights(out / "selection") if is_main else None  # only the main process keeps it
     fitted = model.fit_feature_norms(train_ds[i] for i in range(len(train_ds)))
-    collate = Collator(model.tokenizer.pad_token_id, padding_side="right")
+    collate = Collator(model.tokenizer.pad_token_id, padding_side="right", pack=bool(p["pack"]))
     train_sampler = LengthGroupedBatchSampler(train_ds.lengths, p["batch_size"], seed=p["seed"])
     val_sampler = LengthGroupedBatchSampler(val_ds.lengths, p["batch_size"], shuffle=False)
     # own generators: creating a loader iterator then draws from them, not from the global RNG stream,
@@ -405,7 +409,7 @@ def main(argv=None) -> int:
         {"params": [x for n, x in trainable if x.ndim >= 2], "weight_decay": p["weight_decay"]},
         {"params": [x for n, x in trainable if x.ndim < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=p["lr"])
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=p["lr"], fused=bool(p["fused_adamw"]) or None)
     # each process sees ceil(batches / processes) batches; Accelerate steps a prepared scheduler once per
     # process per optimizer step, so the schedule is laid out in process-steps
     batches_per_process = math.ceil(len(train_sampler) / accelerator.num_processes)
