@@ -176,16 +176,29 @@ def _parse_row(raw: dict[str, str], i: int, where: str, base: Path, require_mask
                      region_texts={r: text(r) for r in REGIONS if text(r)}, labels=_row_labels(raw, where))
 
 
+def csv_row_lines(path: Path) -> list[int]:
+    """The file line on which each data row of a CSV starts (a quoted text may span several lines)."""
+    import csv
+
+    starts, previous_end = [], 0
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        for _ in reader:
+            starts.append(previous_end + 1)
+            previous_end = reader.line_num
+    return starts[1:]  # the header is not a data row
+
+
 def read_own_manifest(path: Path | str, require_masks: bool = False, check_files: bool = True) -> list[OwnVolume]:
     """Every row validated, in volume-id order. `check_files=False` (workflow planning) reads only the table."""
     path = Path(path)
     df = read_table(path)
     base = path.parent
-    line = path.suffix.lower() == ".csv"
+    lines = csv_row_lines(path) if path.suffix.lower() == ".csv" else []
     volumes: list[OwnVolume] = []
     first_row: dict[str, str] = {}
     for i, raw in enumerate(df.to_dict("records")):
-        where = f"{path}, row {i + 1}" + (f" (line {i + 2})" if line else "")
+        where = f"{path}, row {i + 1}" + (f" (line {lines[i]})" if i < len(lines) else "")
         vol = _parse_row(raw, i, where, base, require_masks, check_files)
         if vol.volume_id in first_row:
             raise InputError(f"{where}: duplicate volume id {vol.volume_id!r}, first on {first_row[vol.volume_id]}")

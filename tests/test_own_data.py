@@ -116,6 +116,16 @@ def test_bad_rows_are_refused_naming_row_and_file(tmp_path: Path, case: str) -> 
     assert re.search(message, text), text
 
 
+def test_a_row_after_a_multiline_report_is_named_by_its_line(tmp_path: Path) -> None:
+    _own_files(tmp_path)
+    rows = _rows()
+    rows[0]["findings"] = "First line of the report.\nSecond line.\nThird line."
+    rows[1]["split"] = "holdout"
+    table = _write(tmp_path, rows)
+    with pytest.raises(InputError, match=r"cohort\.csv, row 2 \(line 5\) \(volume case01\): unknown split"):
+        own_data.read_own_manifest(table)
+
+
 def test_bad_tables_are_refused_naming_the_file(tmp_path: Path) -> None:
     _own_files(tmp_path)
     rows = _rows()
