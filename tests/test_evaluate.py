@@ -132,6 +132,20 @@ def test_nlg_length_mismatch_raises(meteor):
         nlg_scores([REF_A], [REF_A, REF_B], meteor=meteor)
 
 
+def test_meteor_in_background_gives_the_jars_scores(meteor):
+    from pipeline.evaluate.nlg import MeteorInBackground, MeteorUnavailable
+
+    jobs = [([REF_A, REF_B], [REF_B, REF_A]), ([REF_A], [DISJOINT])]
+    jobs = [([normalize_text(t) for t in r], [normalize_text(t) for t in h]) for r, h in jobs]
+    background = MeteorInBackground(meteor, jobs)
+    for refs, hyps in reversed(jobs):  # asked in any order
+        assert background.score_pairs(refs, hyps) == meteor.score_pairs(refs, hyps)
+    background.wait()
+    assert background.elapsed_s > 0
+    with pytest.raises(MeteorUnavailable):  # a job it was not given: an error, not a hang
+        background.score_pairs(["x"], ["y"])
+
+
 def test_java_missing_reports_meteor_not_run_and_computes_the_rest():
     with pytest.raises(MeteorUnavailable, match="not found"):
         MeteorScorer(java="/nonexistent/bin/java")

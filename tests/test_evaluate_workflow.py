@@ -100,6 +100,7 @@ def test_evaluate_rules_config_judge_and_report(workdir: Path):
     assert meteor["status"] == "not run" and "/nonexistent/jre/bin/java" in meteor["reason"]
     assert m["nlg"]["report"]["BLEU-4"]["value"] > 0.5
     assert m["judge"]["value"] == 50.0 and "tiny-judge" in m["judge"]["implementation"]
+    assert m["judge"]["std"] == 0.0 and m["judge"]["ci95"] == [50.0, 50.0]  # every answer "Score: 50"
     assert m["green"]["status"] == "not run" and "evaluate.green" in m["green"]["reason"]
     assert json.loads((res / "experiments" / "full" / "judge.json").read_text(encoding="utf-8"))["n_scored"] == 3
     table = pd.read_csv(res / "tables" / "ablation.csv", keep_default_na=False).set_index("experiment")

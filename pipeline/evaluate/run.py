@@ -64,10 +64,12 @@ from pipeline.evaluate.nlg import (
     NORMALISATION,
     PER_REPORT_KEYS,
     PYCOCO_BLEU_STATS,
+    MeteorInBackground,
     MeteorNotRun,
     MeteorScorer,
     corpus_bleu_from_stats,
     nlg_scores,
+    normalize_text,
     open_meteor,
     open_wordnet,
 )
@@ -109,12 +111,19 @@ def not_run(reason: str) -> dict:
     return {"status": "not run", "reason": reason, "value": None}
 
 
-def load_adapter_result(path: str | os.PathLike | None, name: str, config_key: str) -> dict:
-    """A GREEN / judge JSON written by its CLI, or a not-run block saying why there is none."""
+def load_adapter_result(path: str | os.PathLike | None, name: str, config_key: str,
+                        n_resamples: int = bootstrap.DEFAULT_RESAMPLES, seed: int = bootstrap.DEFAULT_SEED) -> dict:
+    """A GREEN / judge JSON written by its CLI, or a not-run block saying why there is none. Its per-report
+    scores (GREEN's ``green``, the judge's ``score``; missing answers left out) give ``std`` and ``ci95``."""
     if path is None:
         return not_run(f"{name} adapter not configured (evaluate.{config_key} is null)")
     with open(path, encoding="utf-8") as f:
         block = json.load(f)
+    rows = block.get("per_report") or []
+    values = np.array([r.get("green", r.get("score")) for r in rows], dtype=np.float64)  # None -> NaN
+    if block.get("value") is not None and np.isfinite(values).any():
+        b = bootstrap.mean_block(values, bootstrap.multiplicities(len(values), n_resamples, seed))
+        block["std"], block["ci95"] = b["std"], b["ci95"]
     block.pop("per_report", None)  # kept in the adapter's own file
     block.pop("elapsed_s", None)  # a run-time measurement (in the adapter's own file): metrics.json holds results
     return block
@@ -196,8 +205,26 @@ def score_experiment(
     counts = bootstrap.multiplicities(n, n_resamples, seed)
     columns: dict[str, Any] = {"volume_id": joined["volume_id"].astype(str).to_numpy()}
     t_boot = 0.0
+    region_keep = {}
+    for region in REGIONS:
+        refs, hyps = joined[f"{region}_ref"].tolist(), joined[f"{region}_pred"].tolist()
+        region_keep[region] = [i for i in range(n) if not (_is_empty(refs[i]) and _is_empty(hyps[i]))]
+    jar = meteor
+    if isinstance(meteor, MeteorScorer):
+        # every jar job starts now, in the background: the JVM scores while Python computes the rest
+        jobs = [(joined["findings"].tolist(), joined["report"].tolist())]
+        for region, keep in region_keep.items():
+            if keep:
+                refs, hyps = joined[f"{region}_ref"].tolist(), joined[f"{region}_pred"].tolist()
+                jobs.append(([refs[i] for i in keep], [hyps[i] for i in keep]))
+        jar = MeteorInBackground(meteor, [([normalize_text(t) for t in r], [normalize_text(t) for t in h])
+                                          for r, h in jobs])
     try:
-        kw = {"meteor": meteor, "timings": timings, "wordnet": wordnet}
+        t0 = time.perf_counter()
+        ref_lab = labeler.label_reports(joined["findings"].tolist())
+        hyp_lab = labeler.label_reports(joined["report"].tolist())
+        timings["labeler"] = time.perf_counter() - t0
+        kw = {"meteor": jar, "timings": timings, "wordnet": wordnet}
         report_nlg, values, stats = _block_with_scores(
             joined["findings"].tolist(), joined["report"].tolist(), list(range(n)), n, "report", columns, **kw
         )
@@ -207,7 +234,7 @@ def score_experiment(
         regions: dict[str, dict] = {}
         for region in REGIONS:
             refs, hyps = joined[f"{region}_ref"].tolist(), joined[f"{region}_pred"].tolist()
-            keep = [i for i in range(len(refs)) if not (_is_empty(refs[i]) and _is_empty(hyps[i]))]
+            keep = region_keep[region]
             block: dict[str, Any] = {}
             if keep:
                 block, values, stats = _block_with_scores(refs, hyps, keep, n, region, columns, **kw)
@@ -225,13 +252,12 @@ def score_experiment(
             block["n_prediction_empty"] = sum(_is_empty(hyps[i]) for i in keep)
             regions[region] = block
     finally:
+        if isinstance(jar, MeteorInBackground):
+            jar.wait()
+            timings["meteor_jar_background"] = jar.elapsed_s
         if own and isinstance(meteor, MeteorScorer):
             meteor.close()
 
-    t0 = time.perf_counter()
-    ref_lab = labeler.label_reports(joined["findings"].tolist())
-    hyp_lab = labeler.label_reports(joined["report"].tolist())
-    timings["labeler"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     impl = labeler.IMPLEMENTATION
     clinical: dict[str, Any] = {}
@@ -419,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    green = load_adapter_result(args.green, "GREEN", "green")
-    judge = load_adapter_result(args.judge, "LLM judge", "judge")
+    green = load_adapter_result(args.green, "GREEN", "green", args.bootstrap_resamples, args.seed)
+    judge = load_adapter_result(args.judge, "LLM judge", "judge", args.bootstrap_resamples, args.seed)
     metrics, scores = score_experiment(pairs, None, args.experiment, labeler=labeler, java=args.java, green=green,
                                        judge=judge, wordnet=wordnet, n_resamples=args.bootstrap_resamples,
                                        seed=args.seed)

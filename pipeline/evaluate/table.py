@@ -118,6 +118,7 @@ def row_from_metrics(m: dict) -> tuple[dict, dict]:
         else:
             block = m.get(where)
             cell, imp = _cell(block)
+            spread = _spread(block)
             if block and block.get("averaging") and imp:
                 imp = f"{imp} ({block['averaging']})"
         row[col] = cell
