@@ -941,7 +941,9 @@ def merge_labelmap(
 
 
 def qc_picture(ct_path: Path, labels: np.ndarray, grid: CtGrid, volume_id: str, out_png: Path) -> None:
-    """Three axial and two coronal CT slices with the region (filled) and lesion (outlined) overlays."""
+    """Three axial and two coronal CT slices with the region (filled) and lesion (outlined) overlays, in the
+    radiological convention (patient right on the image's left; anterior up, coronal: superior up); the
+    CT is turned to the canonical grid of `labels` first."""
     import matplotlib
 
     matplotlib.use("Agg")
