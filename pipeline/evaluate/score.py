@@ -36,7 +36,16 @@ import pandas as pd
 
 from pipeline.evaluate import bootstrap
 from pipeline.evaluate.inputs import MAX_LISTED_IDS, clean_text, read_table
-from pipeline.evaluate.nlg import IMPLEMENTATIONS, NORMALISATION, PER_REPORT_KEYS, nlg_scores, open_meteor
+from pipeline.evaluate.nlg import (
+    IMPLEMENTATIONS,
+    NORMALISATION,
+    PER_REPORT_KEYS,
+    MeteorInBackground,
+    MeteorScorer,
+    nlg_scores,
+    normalize_text,
+    open_meteor,
+)
 from pipeline.evaluate.run import _pm, _uncertainty, add_scoring_options, wordnet_from_args, write_json_atomic
 from pipeline.io import atomic_output
 
@@ -114,9 +123,14 @@ def score_files(predictions: Path, references: Path, id_column: str = "volume_id
     timings: dict[str, float] = {}
     own = meteor is None
     meteor = open_meteor() if own else meteor
+    # the jar in the background: its JVM scores while Python computes the other variants
+    jar = (MeteorInBackground(meteor, [([normalize_text(t) for t in refs], [normalize_text(t) for t in hyps])])
+           if isinstance(meteor, MeteorScorer) else meteor)
     try:
-        block = nlg_scores(refs, hyps, meteor=meteor, wordnet=wordnet, per_pair=True, timings=timings)
+        block = nlg_scores(refs, hyps, meteor=jar, wordnet=wordnet, per_pair=True, timings=timings)
     finally:
+        if isinstance(jar, MeteorInBackground):
+            jar.wait()
         if own and hasattr(meteor, "close"):
             meteor.close()
     per_pair, stats = block.pop("_per_pair"), block.pop("_bleu_stats")
