@@ -9,7 +9,8 @@ No CT report paper we compare with prints an interval; these are ours. Definitio
 * **Per-report metrics** (``report-mean``): ``std`` is the sample standard deviation (ddof 1) of the
   per-report scores, the "mean +- std" papers print; the 95 % CI is the 2.5th-97.5th percentile of the
   resampled means (percentile bootstrap). A region's pairs are the volumes where the region is not empty
-  on both sides: its resampled mean is over the resampled volumes that have a pair.
+  on both sides: its resampled mean is over the resampled volumes that have a pair. CIDEr-D's per-report
+  scores keep the document frequencies of the whole set (not recomputed per resample).
 * **Corpus metrics**: pycocoevalcap's corpus BLEU is rebuilt for every resample from the per-pair n-gram
   statistics (:func:`pipeline.evaluate.nlg.corpus_bleu_from_stats`); ``std`` is null (there is no per-report
   value). The METEOR jar's corpus aggregate gets no interval (only the jar can aggregate its statistics;
