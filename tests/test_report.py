@@ -76,7 +76,7 @@ def test_html_report_holds_every_result_with_its_caption(workdir: Path) -> None:
 
     assert set(categories) == {"Results", "Training", "QC"}
     assert set(categories["Results"]) == {"metrics.json per experiment", "Ablation table",
-                                          "Clinical accuracy per class"}
+                                          "Clinical accuracy per class", "Per-volume scores"}
     assert sorted(categories["Training"]["Loss curves"]) == ["results/experiments/full/stage1/loss.png",
                                                              "results/experiments/full/stage2/loss.png"]
     assert sorted(categories["QC"]["region overlays"]) == sorted(pictures)

