@@ -163,3 +163,17 @@ def test_tiny_mode_runs_the_three_steps_end_to_end_on_cpu(tmp_path):
     cfg = json.loads((tmp_path / "device" / "runs" / "seed0" / "lita" / "stage2" / "medregion_config.json").read_text())
     assert cfg["pooling"] == "lita"
     assert "bundle" in proc.stdout and "MiB" in proc.stdout
+
+
+def test_runs_past_the_deadline_are_stopped_and_later_ones_not_started(tmp_path):
+    import time
+
+    runs = ga._Runs(dict(os.environ), deadline=time.time() + 2.0)
+    t0 = time.perf_counter()
+    assert runs.run([sys.executable, "-c", "pass"], tmp_path / "ok.log") is True
+    assert runs.run([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "slow.log") is False
+    assert time.perf_counter() - t0 < 30 and runs.expired
+    assert runs.run([sys.executable, "-c", "pass"], tmp_path / "late.log") is False
+    assert not (tmp_path / "late.log").exists()
+    fresh = ga._Runs(dict(os.environ), deadline=time.time() + 60.0)
+    assert fresh.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "f.log") is False and not fresh.expired
