@@ -524,6 +524,56 @@ def test_save_and_load_give_identical_logits(tiny, tmp_path):
         MedRegionCT.from_pretrained(tmp_path / "nowhere")
 
 
+def test_loss_with_logits_on_targets_equals_the_lms_own_loss(tiny):
+    """The LM head on the target positions only gives the LM's own causal loss (fp32: atol 1e-6) and
+    the same gradients, on a right-padded batch of different lengths; logits only at those positions."""
+    model = make_model(tiny, stage=2).eval()  # no LoRA dropout: both passes see the same network
+    ds = make_dataset(tiny, model)
+    assert len({ds.lengths[0], ds.lengths[1]}) == 2
+    b = Collator(model.tokenizer.pad_token_id)([ds[0], ds[1]])
+    losses, grads = {}, {}
+    for on_targets in (False, True):
+        model.zero_grad()
+        model.logits_on_targets = on_targets
+        out = model(**b)
+        out.loss.backward()
+        losses[on_targets] = out.loss.detach()
+        grads[on_targets] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        width = out.logits.shape[1]
+    predicting = (b["labels"][:, 1:] != IGNORE_INDEX).any(dim=0)
+    assert width == int(predicting.sum()) < b["input_ids"].shape[1] / 2
+    torch.testing.assert_close(losses[True], losses[False], rtol=0, atol=1e-6)
+    for g_on, g_off in zip(grads[True], grads[False]):
+        torch.testing.assert_close(g_on, g_off, rtol=1e-4, atol=1e-6)
+
+
+def test_placeholder_rows_zero_or_mean_and_old_folders_read_zero(tiny):
+    """new_token_init: zero rows (the demo's) or the mean of the existing rows, in the input and, for an
+    untied LM, the output matrix; a saved config without the key (written before it existed) reads zero."""
+    base = AutoModelForCausalLM.from_pretrained(str(tiny / "llm"))
+    n = base.get_input_embeddings().num_embeddings
+    for init in ("zero", "mean"):
+        model = make_model(tiny, stage=1, new_token_init=init)
+        llm = model.llm
+        assert llm.get_output_embeddings().weight is not llm.get_input_embeddings().weight  # the demo LM is untied
+        for got, old in ((llm.get_input_embeddings().weight, base.get_input_embeddings().weight),
+                         (llm.get_output_embeddings().weight, base.get_output_embeddings().weight)):
+            assert got.shape[0] == len(model.tokenizer) == n + 3
+            want = old.mean(dim=0) if init == "mean" else torch.zeros_like(old[0])
+            torch.testing.assert_close(got[n:], want.expand(3, -1).detach())
+            torch.testing.assert_close(got[:n], old, rtol=0, atol=0)
+    saved = make_config(tiny).to_dict()
+    del saved["new_token_init"]
+    assert MedRegionCTConfig.from_dict(saved).new_token_init == "zero"
+    with pytest.raises(ValueError, match="new_token_init must be 'zero' or 'mean'"):
+        make_config(tiny, new_token_init="random")
+
+
+def test_lora_targets_missing_from_the_lm_are_named(tiny):
+    with pytest.raises(ValueError, match=r"LoRA target module\(s\) \['c_attn'\] not found in LlamaForCausalLM"):
+        make_model(tiny, stage=2, lora_targets=("q_proj", "c_attn"))
+
+
 def test_feature_norm_standardises_with_training_statistics_and_is_saved(tiny, tmp_path):
     """feature_norm: the connector's and mask extractor's inputs are z-scored with the training set's
     statistics (present masks only), which travel with the weights; a stage-2 model that loaded stage
