@@ -5,7 +5,8 @@
 
 1. Encoder forwards alone: batch sweep (32, 64, 128, 256 slices of 256 x 256), `inference_mode`,
    bf16 autocast on fp32 weights (what the stage does) and bf16 weights; warmup, then timed repeats
-   between `torch.cuda.synchronize()` calls; median -> slices/s; peak memory.
+   between `torch.cuda.synchronize()` calls; median -> slices/s; peak memory; the fraction of the card
+   (ViT forward FLOPs per slice x slices/s over an 8192^3 bf16 matrix product timed in the same run).
 2. `encode_prepared` (the stage's encoder step: hooks mask-pool blocks 3, 6, 9, 12, R2 pooling) on a
    preprocessed synthetic volume (D = 32) -> slices/s, vs the plain forward at the same batch.
 3. CPU side: `prepare_volume` on a RadGenome-sized synthetic volume (110 x 360 x 360) -> s / volume,
@@ -49,6 +50,12 @@ from pipeline.features import (  # noqa: E402
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def matmul(n: int, device: torch.device):
+    """A function doing one n^3 bf16 matrix product (operands made once)."""
+    a = torch.randn((n, n), device=device, dtype=torch.bfloat16)
+    return lambda: a @ a
 
 
 def timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
@@ -102,6 +109,14 @@ def main() -> None:
     from transformers import Dinov2Model
 
     model = Dinov2Model(demo_encoder_config(hidden, layers, heads)).eval().requires_grad_(False).to(device)
+    # the fraction of the card: ViT forward FLOPs per slice (MLP ratio 4, tokens = patches + CLS) against an
+    # n^3 bf16 matrix product timed now, on the same card
+    tokens = (size // 14) ** 2 + 1
+    flops_slice = layers * (2 * tokens * 12 * hidden * hidden + 4 * tokens * tokens * hidden)
+    n_mm = 512 if args.tiny else 8192
+    matmul_rate = 2.0 * n_mm**3 / statistics.median(timed(matmul(n_mm, device), device, 2, 5))
+    result["flops_per_slice"] = flops_slice
+    result["matmul_bf16_tflops_per_s"] = round(matmul_rate / 1e12, 3)
     result["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     modes = ["autocast-bf16", "bf16-weights"] if device.type == "cuda" else ["fp32"]
 
@@ -137,11 +152,12 @@ def main() -> None:
                 continue
             med = statistics.median(times)
             row = {"mode": mode, "batch": b, "ms_per_batch": round(med * 1e3, 2), "slices_per_s": round(b / med, 1),
+                   "fraction_of_matmul_rate": round(b / med * flops_slice / matmul_rate, 4),
                    "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
                    else None}
             result["sweep"].append(row)
-            print(f"forward  {mode:14s} batch {b:4d}: {row['slices_per_s']:9.1f} slices/s  ({row['ms_per_batch']} ms)",
-                  flush=True)
+            print(f"forward  {mode:14s} batch {b:4d}: {row['slices_per_s']:9.1f} slices/s  ({row['ms_per_batch']} ms, "
+                  f"{100 * row['fraction_of_matmul_rate']:.1f} % of the bf16 matmul rate)", flush=True)
         if mode == "bf16-weights":
             del net
     if device.type == "cuda":

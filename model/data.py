@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,9 @@ from model.prompt import (
     wrap_prompt,
 )
 from pipeline.constants import REGIONS, TOKEN_MASKS
-from pipeline.feature_store import FeatureStore
+
+if TYPE_CHECKING:  # zarr is imported only where a cache is read: the GPU benchmarks use the collator without it
+    from pipeline.feature_store import FeatureStore
 
 
 def read_parquets(paths: Sequence[str | Path], columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -360,6 +362,8 @@ def build_dataset(
     store: FeatureStore | None = None,
     skipped: Collection[str] = (),
 ) -> ReportDataset:
+    from pipeline.feature_store import FeatureStore
+
     store = store if store is not None else FeatureStore(features)
     rep = read_parquets([reports])
     if with_targets:

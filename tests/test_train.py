@@ -541,16 +541,26 @@ def test_selection_without_any_named_class_keeps_the_last_weights(tiny, tmp_path
 
 
 def test_gpu_train_step_script_tiny_cpu(tmp_path):
+    """The GPU comparison script's code path in tiny shapes on CPU: every variant runs, and each one's loss on
+    the fixed batch matches today's step (packed samples included)."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_train_step.py"), "--tiny", "--device", "cpu",
          "--out", str(tmp_path), "--tokens", "900", "--warmup", "1", "--steps", "1"],
-        cwd=REPO, env=ENV, capture_output=True, encoding="utf-8", errors="replace", timeout=600,
+        cwd=REPO, env=ENV, capture_output=True, encoding="utf-8", errors="replace", timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_train_step.json").read_text(encoding="utf-8"))
-    assert res["tokens_per_step"] == 900 and res["vision_tokens"] == 356 and res["mask_slots"] == 18
-    assert res["params_lora"] > 0 and res["params_trainable"] < res["params_total"]
-    assert res["tokens_per_s"] > 0 and np.isfinite(res["losses"]).all()
+    assert res["vision_tokens"] == 356 and res["mask_slots"] == 18 and res["losses_match_today"] is True
+    by = {v["variant"]: v for v in res["variants"]}
+    assert list(by) == ["today", "logits_on_targets", "no_checkpointing", "packed", "fused_adamw", "bf16_lora"]
+    assert not any("skipped" in v for v in by.values())
+    assert by["today"]["samples_per_step"] == 1 and by["today"]["tokens_per_step"] == 900
+    lengths = res["sample_lengths"]
+    assert by["packed"]["samples_per_step"] == 4  # no padding: a step's tokens are its samples' lengths
+    assert by["packed"]["tokens_per_step"] in (sum(lengths[:4]), sum(lengths[4:8]))
+    for v in by.values():
+        assert v["tokens_per_s"] > 0 and 0 < v["fraction_of_matmul_rate"] and np.isfinite(v["loss_fixed_batch"])
+        assert v["loss_rel_diff_to_today"] <= res["tolerance_rel_loss"]
 
 
 def test_checkpoint_averaging_loads_the_mean_of_the_trainable_weights(tiny, tmp_path):  # noqa: F811
