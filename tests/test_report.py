@@ -28,6 +28,9 @@ EXPECTED = {
     "results/tables/ablation.png": ("ablation.rst", "Table-1-shaped comparison"),
     "results/tables/ca_per_class.csv": ("ca_per_class.rst", "Clinical accuracy per CT-RATE"),
     "results/tables/ca_per_class.md": ("ca_per_class.rst", "Clinical accuracy per CT-RATE"),
+    "results/experiments/full/scores.parquet": ("scores.rst", "Per-volume scores of experiment full"),
+    "results/experiments/full/samples.html": ("samples.rst", "Generated reports of experiment full"),
+    "results/tables/ca_per_class_chart.png": ("ca_per_class_chart.rst", "Clinical F1 per CT-RATE class"),
     "results/experiments/full/stage1/loss.png": ("loss.rst", "Training and validation loss of experiment full"),
     "results/experiments/full/stage2/loss.png": ("loss.rst", "Training and validation loss of experiment full"),
     **{f"results/qc/regions/shard-{k}.parquet": ("regions.rst", "Per-volume QC of the regions stage")
@@ -65,7 +68,7 @@ def test_html_report_holds_every_result_with_its_caption(workdir: Path) -> None:
         assert "Region overlays of a sampled volume" in results[path]["caption"]
     # pictures are embedded, not linked: PNG bytes in data URIs
     for path in [*pictures, "results/tables/ablation.png", "results/experiments/full/stage1/loss.png",
-                 "results/experiments/full/stage2/loss.png"]:
+                 "results/experiments/full/stage2/loss.png", "results/tables/ca_per_class_chart.png"]:
         assert results[path]["mime_type"] == "image/png"
         data = base64.b64decode(results[path]["data_uri"].split("base64,", 1)[1])
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
@@ -73,10 +76,14 @@ def test_html_report_holds_every_result_with_its_caption(workdir: Path) -> None:
                                           .split("base64,", 1)[1]))
     assert metrics == json.loads((workdir / "results/experiments/full/metrics.json").read_text(encoding="utf-8"))
     assert results["results/experiments/full/stage2/loss.png"]["labels"] == {"experiment": "full", "stage": "2"}
+    # generated reports to read: the sample page of each experiment, embedded, with its sample sections
+    samples = base64.b64decode(results["results/experiments/full/samples.html"]["data_uri"].split("base64,", 1)[1])
+    assert samples.decode("utf-8").count('<section class="sample"') >= 3  # best, median, worst at least
+    assert results["results/experiments/full/samples.html"]["labels"] == {"experiment": "full"}
 
     assert set(categories) == {"Results", "Training", "QC"}
     assert set(categories["Results"]) == {"metrics.json per experiment", "Ablation table",
-                                          "Clinical accuracy per class", "Per-volume scores"}
+                                          "Clinical accuracy per class", "Per-volume scores", "Generated reports"}
     assert sorted(categories["Training"]["Loss curves"]) == ["results/experiments/full/stage1/loss.png",
                                                              "results/experiments/full/stage2/loss.png"]
     assert sorted(categories["QC"]["region overlays"]) == sorted(pictures)

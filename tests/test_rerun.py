@@ -28,7 +28,7 @@ SHARDS = 3  # the end-to-end config: 24 volumes, shard_size 8
 BEFORE_POOLING = {"demo_cohort", "demo_encoder", "demo_llm", "cohort", "segment", "regions", "attributes",
                   "reports"}
 AFTER_POOLING = {"train_stage1": 1, "train_stage2": 1, "generate": 1, "evaluate": 1, "ablation_table": 1,
-                 "all": 1}
+                 "report_samples": 1, "ca_per_class_chart": 1, "all": 1}
 
 
 def copy_run(demo_run: Path, dest: Path) -> Path:

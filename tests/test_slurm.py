@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 # every rule of the demo's DAG but `all` (a localrule that only gathers files)
 REMOTE_RULES = {"demo_cohort", "demo_encoder", "demo_llm", "cohort", "reports", "segment", "regions",
                 "attributes", "features", "train_stage1", "train_stage2", "generate", "evaluate",
-                "ablation_table"}
+                "ablation_table", "report_samples", "ca_per_class_chart"}
 GPU_RULES = {"features", "generate"}
 
 
