@@ -1,5 +1,6 @@
 """The Hugging Face ``evaluate`` variants (pipeline.evaluate.hf_evaluate) against their reference libraries on
-real CT-RATE text, hand-computed BLEU cases, and METEOR through NLTK itself (~25 s with WordNet, 5 s without).
+real CT-RATE text, hand-computed BLEU cases, and METEOR through NLTK itself (~55 s on the shared 2-core
+machine at load ~10, most of it NLTK's uncached METEOR with WordNet on 260 pairs).
 
 Pairs: 260 reports of ../shared/data/ctrate-text-classifier/train.csv, each with another report (shuffled) or
 an edited copy of itself (sentences reordered, words dropped, synonyms swapped in); skipped when the data
