@@ -227,12 +227,13 @@ class _Runs:
         self.procs: list[subprocess.Popen] = []
         self.expired = False
 
-    def run(self, cmd: list[str], log: Path) -> bool:
+    def run(self, cmd: list[str], log: Path, env: dict | None = None) -> bool:
         with self.lock:
             if self.expired:
                 return False
             with open(log, "ab") as f:
-                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                                        cwd=REPO)
             self.procs.append(proc)
         try:
             rc = proc.wait(timeout=max(1.0, self.deadline - time.time()))
@@ -268,6 +269,7 @@ def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: 
     seeds = list(seeds if seeds is not None else plan["seeds"])
     stand_ins = write_stand_ins(work / "stand_ins")
     threads = max(1, (os.cpu_count() or 2) // max(1, len(seeds) * len(plan["experiments"])))
+    llm_threads = max(1, (os.cpu_count() or 2) // max(1, len(seeds)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stand_ins), str(REPO)]),
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -297,7 +299,9 @@ def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: 
         if llm["attribute_text"]:
             cmd += ["--attributes", *attrs]
         t = time.perf_counter()
-        ok = runs.run(cmd, out_dir.parent / "demo_llm.log")
+        # the demo LM pre-trains on CPU (model.demo_llm), one build per seed at once: share the cores
+        ok = runs.run(cmd, out_dir.parent / "demo_llm.log", {"OMP_NUM_THREADS": str(llm_threads),
+                                                              "MKL_NUM_THREADS": str(llm_threads)})
         timings[f"seed{seed}/demo_llm"] = {"wall_s": round(time.perf_counter() - t, 1), "ok": ok}
         _log(f"seed {seed}: demo LM {'built' if ok else 'FAILED'} in {time.perf_counter() - t:.0f} s")
         return ok

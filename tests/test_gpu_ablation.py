@@ -68,9 +68,10 @@ def test_repacked_shard_reads_without_zarr_with_the_same_values(tmp_path):
 
 
 def test_the_model_stages_import_with_the_stand_ins_and_without_the_missing_packages(tmp_path):
-    # pipeline.skipped: what model.train's and model.generate's main() import (pipeline.io -> SimpleITK)
+    # what model.train's and model.generate's main() import when they run: pipeline.skipped (pipeline.io ->
+    # SimpleITK) and, where the cache is read, pipeline.feature_store (zarr)
     code = ("import sys, json; import model.train, model.generate, model.demo_llm, model.data, model.network\n"
-            "import pipeline.skipped\n"
+            "import pipeline.skipped, pipeline.feature_store\n"
             "print(json.dumps({n: getattr(sys.modules.get(n), '__file__', None) for n in "
             "('zarr', 'SimpleITK', 'numcodecs', 'snakemake', 'nibabel')}))")
     proc = subprocess.run([sys.executable, "-c", code], env=_stand_in_env(tmp_path), capture_output=True, text=True,
