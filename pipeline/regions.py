@@ -1014,17 +1014,21 @@ def _qc_row(volume_id: str, status: str, error: str = "", **extra: object) -> di
 
 
 def _segment_rows(manifest: pd.DataFrame, segment: pd.DataFrame | None, shard: int) -> list[dict[str, object]]:
-    """Per volume: CT path and where its masks are (the segment table, or the manifest's mask_dir)."""
+    """Per volume: CT path and where its masks are: the segment table's row, or else the manifest's
+    `mask_dir` / `mask_label_names`, described (format, vocabulary) when the volume is merged."""
     from pipeline.cohort import validate_volume_id
 
     rows = manifest[manifest["shard"] == shard]
     seg = segment.set_index("volume_id") if segment is not None and len(segment) else None
     out = []
     for row in rows.itertuples(index=False):
+        names_file = getattr(row, "mask_label_names", "")
         item = {"volume_id": row.volume_id, "ct_path": row.ct_path, "mask_path": getattr(row, "mask_dir", ""),
                 "mask_format": "folder", "vocabulary": DEFAULT_VOCABULARY, "label_names": "",
-                "status": "ok", "error": ""}
+                "status": "ok", "error": "", "describe": True,
+                "label_names_file": names_file if isinstance(names_file, str) else ""}
         if seg is not None and row.volume_id in seg.index:
+            item["describe"] = False
             s = seg.loc[row.volume_id]
             for key in ("mask_path", "mask_format", "vocabulary", "label_names", "status", "error"):
                 if key in s.index and isinstance(s[key], str) and (s[key] or key in ("error", "label_names")):
@@ -1043,6 +1047,9 @@ def process_volume(item: dict[str, object], table: LabelTable, threads: int,
                    memory_cap_bytes: int | None, out: np.ndarray | None = None, encode: bool = False) -> VolumeMasks:
     """One volume's packed masks, on the canonical (LPS) grid (`to_canonical`)."""
     vid, ct_path = str(item["volume_id"]), Path(str(item["ct_path"]))
+    if item.get("describe"):  # no segment table row: the manifest's masks, their layout and vocabulary found here
+        src = describe_masks(vid, Path(str(item["mask_path"])), str(item.get("label_names_file") or ""), table)
+        item = {**item, "mask_format": src.mask_format, "vocabulary": src.vocabulary, "label_names": src.label_names}
     if encode:
         header = read_header_info(ct_path, vid)  # a CT that is not 3D is refused, with its reason, by the merge
         if header.GetDimension() == 3 and not _turn(header.GetDirection(), ct_path).identity:

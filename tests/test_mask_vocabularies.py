@@ -155,3 +155,16 @@ def test_label_names_file_errors_name_file_and_line(tmp_path: Path, text: str, m
     (tmp_path / "names.tsv").write_text(text, encoding="utf-8")
     with pytest.raises(InputError, match=r"volume v1: .*" + message):
         regions.read_label_names(tmp_path / "names.tsv", "v1")
+
+
+def test_regions_stage_reads_a_label_map_from_the_manifest_alone(shared_data: Path, tmp_path: Path) -> None:
+    """Without a segment table (`python -m pipeline.regions` without --segment) the manifest's label map
+    and label names are read the same way."""
+    ts = shared_data / "totalsegmentator"
+    manifest = _manifest([{"volume_id": "v1", "ct_path": str(ts / "example_ct_sm.nii.gz"),
+                           "mask_dir": str(ts / "example_seg.nii.gz"), "mask_label_names": str(shared_data / TSV)}])
+    qc = regions.run_shard(manifest, 0, TABLE, tmp_path / "masks.zarr", tmp_path / "qc.parquet")
+    assert qc["status"].tolist() == ["ok"] and qc["n_used"][0] > 30
+    labels = zarr.open_group(str(tmp_path / "masks.zarr"), mode="r")["v1"][...]
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(ts / "example_seg.nii.gz")))
+    assert regions.unpack_channel(labels, "liver").sum() == (seg == 5).sum() > 0  # 5: liver
