@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                 tokens += n_tok
         rate = {name: tokens / s for name, s in seconds.items()}
         result = {
-            "llm": "tiny demo-size Llama" if args.tiny else str(llm),
+            "llm": "tiny demo-size Llama" if args.tiny else Path(llm).name,  # the name: no machine path
             "batch_size": args.batch_size, "timed_steps": args.steps, "tokens_per_step": tokens / args.steps,
             "target_share": float(sum(int((b["labels"] != -100).sum()) for b in batches[1:]) / tokens),
             "tokens_per_s": rate,
