@@ -340,11 +340,11 @@ def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: 
         status[key] = "done"
         _log(f"{key}: done ({', '.join(f'{k} {v:.0f} s' for k, v in timings[key].items())})")
 
-    llm_threads = [threading.Thread(target=lambda s=s: status.__setitem__(f"seed{s}/demo_llm", "done" if build_llm(s)
-                                                                             else "failed")) for s in seeds]
-    for t in llm_threads:
+    llm_builds = [threading.Thread(target=lambda s=s: status.__setitem__(f"seed{s}/demo_llm", "done" if build_llm(s)
+                                                                            else "failed")) for s in seeds]
+    for t in llm_builds:
         t.start()
-    for t in llm_threads:
+    for t in llm_builds:
         t.join()
     workers = [threading.Thread(target=one_run, args=(s, name)) for s in seeds for name in plan["experiments"]
                if status.get(f"seed{s}/demo_llm") == "done"]
