@@ -164,6 +164,9 @@ def test_tiny_mode_runs_the_three_steps_end_to_end_on_cpu(tmp_path):
     cfg = json.loads((tmp_path / "device" / "runs" / "seed0" / "lita" / "stage2" / "medregion_config.json").read_text())
     assert cfg["pooling"] == "lita"
     assert "bundle" in proc.stdout and "MiB" in proc.stdout
+    # the thread counts the device step sets must be ones the OpenMP runtime accepts
+    logs = [p.read_text(errors="replace") for p in (tmp_path / "device" / "runs").rglob("*.log")]
+    assert len(logs) == 6 and not any("Invalid value for environment variable" in t for t in logs)
 
 
 def test_runs_past_the_deadline_are_stopped_and_later_ones_not_started(tmp_path):
