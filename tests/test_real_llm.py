@@ -268,7 +268,7 @@ def test_two_dozen_steps_reproduce_two_reports_stop_at_end_of_turn_and_survive_s
     model.eval()
     gen = dataset(model, two_volumes, with_targets=False)
     gen_batch = Collator(model.tokenizer.pad_token_id, padding_side="left")([gen[0], gen[1]])
-    max_new = 80
+    max_new = 120  # the longer report is 79 tokens + <|im_end|>
     new_ids = model.generate_ids(gen_batch, max_new_tokens=max_new)
     eot = end_of_turn_id(model.tokenizer)
     for row in new_ids.tolist():  # each row stops at the template's end-of-turn token, before max_new_tokens
