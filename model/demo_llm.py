@@ -51,6 +51,7 @@ def build_demo_llm(
     pretrain_lr: float = 1e-3,
     pretrain_batch: int = 16,
     init_std: float = 0.02,
+    device: str = "auto",
 ) -> Path:
     """Train the tokenizer, build a random LlamaForCausalLM, save both atomically to out_dir.
 
@@ -58,6 +59,8 @@ def build_demo_llm(
     same texts): the stand-in for a real LM that already knows radiology language, so that stage 1
     (frozen LM, connector only) has something to condition. 0 keeps the weights random.
     `init_std` is the std of the random initialisation (Llama's `initializer_range`; LLaMA's 0.02).
+    `device`: where the pre-training runs (`auto`: a GPU when there is one, so that a GPU machine does not
+    spend its time on the CPU; on CPU the result is what it always was); the LM is saved from the CPU.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -83,7 +86,9 @@ def build_demo_llm(
     model = LlamaForCausalLM(config)
     losses: list[float] = []
     if pretrain_steps > 0:
-        losses = pretrain(model, tokenizer, texts_list, pretrain_steps, pretrain_lr, pretrain_batch, seed)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        losses = pretrain(model, tokenizer, texts_list, pretrain_steps, pretrain_lr, pretrain_batch, seed, device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -98,6 +103,7 @@ def build_demo_llm(
         "texts": len(texts_list),
         "pretrain_steps": pretrain_steps,
         "init_std": init_std,
+        "pretrain_device": device if pretrain_steps > 0 else None,
         "pretrain_loss_first": losses[0] if losses else None,
         "pretrain_loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
     }
@@ -107,8 +113,10 @@ def build_demo_llm(
     return out
 
 
-def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: int, seed: int) -> list[float]:
-    """A few hundred steps of next-token training on the texts (BOS text EOS, right-padded)."""
+def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: int, seed: int,
+             device: str = "cpu") -> list[float]:
+    """A few hundred steps of next-token training on the texts (BOS text EOS, right-padded), on `device`;
+    the model is back on the CPU afterwards."""
     import random
 
     import torch
@@ -122,6 +130,7 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: i
         ]
         for t in texts
     ]
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
     losses = []
@@ -136,7 +145,7 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: i
             ids[i, : len(r)] = torch.tensor(r)
             labels[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -144,6 +153,7 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: i
         opt.zero_grad()
         losses.append(loss.item())
     model.eval()
+    model.to("cpu")
     return losses
 
 
@@ -223,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         "logits ~16x smaller than a 4096-wide LLaMA's (they scale with the width), so its attention stays "
         "near uniform through pre-training; 0.08 gives the 256-wide LM the logit scale of the 4096-wide one",
     )
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where the pre-training runs (auto: a GPU when there is one)")
     args = ap.parse_args(argv)
     if args.init_std <= 0:
         ap.error(f"--init-std must be > 0, got {args.init_std}")
@@ -236,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         pretrain_steps=args.pretrain_steps,
         init_std=args.init_std,
+        device=args.device,
     )
     print(f"demo LLM written to {out}: {(out / 'demo_llm.json').read_text(encoding='utf-8')}")
 
