@@ -52,6 +52,7 @@ def main() -> None:
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, str(REPO / "tests" / "sparse_gunzip_atheris.py"), str(so),
                                f"-max_total_time={args.seconds}", f"-seed={args.seed}", "-print_final_stats=1",
+                               *harness.MEMORY_LIMITS,
                                f"-artifact_prefix={tmp}/", str(corpus)],
                               capture_output=True, text=True, env=env, cwd=tmp)
         wall = time.perf_counter() - start

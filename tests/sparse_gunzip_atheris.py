@@ -37,6 +37,10 @@ import numpy as np
 
 SG = None  # the extension under test, loaded from the path given on the command line
 OUT_CAP = 1 << 16  # output bytes at most per input (keeps an execution fast)
+# libFuzzer's RSS limit reads the peak RSS, which Linux carries over from the parent across fork and exec: a
+# harness started from a large process (a pytest session holding models) would be "out of memory" before
+# its first input. So no RSS limit, and a per-allocation limit instead (no input here needs 256 MB).
+MEMORY_LIMITS = ("-rss_limit_mb=0", "-malloc_limit_mb=256")
 
 
 def build(out_so: str) -> list[str]:

@@ -30,7 +30,8 @@ def test_coverage_guided_fuzzing_finds_no_crash_or_disagreement(tmp_path: Path) 
         pytest.skip(f"cannot build the instrumented extension: {exc}")
     env = {**os.environ, **dict(kv.split("=", 1) for kv in env_add)}
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "sparse_gunzip_atheris.py"), str(tmp_path / "sg_fuzz.so"),
-                           f"-runs={RUNS}", "-seed=7", f"-artifact_prefix={tmp_path}/", str(tmp_path / "corpus")],
+                           f"-runs={RUNS}", "-seed=7", *harness.MEMORY_LIMITS, f"-artifact_prefix={tmp_path}/",
+                           str(tmp_path / "corpus")],
                           capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"Done {RUNS} runs" in proc.stderr
