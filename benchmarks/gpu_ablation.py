@@ -171,9 +171,8 @@ def pack_bundle(workdir: Path, bundle: Path, configfiles: list[str], seeds: list
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
         (root / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
-        with atomic_output(bundle) as out:
-            with tarfile.open(out, "w:gz", compresslevel=6) as tar:
-                tar.add(root, arcname="bundle")
+        with atomic_output(bundle) as out, tarfile.open(out, "w:gz", compresslevel=6) as tar:
+            tar.add(root, arcname="bundle")
     mib = bundle.stat().st_size / 2**20
     _log(f"bundle {bundle}: {mib:.1f} MiB ({n} volume feature rows, packed in {time.perf_counter() - t0:.0f} s; "
          f"the device tool carries {DEVICE_LIMIT_MIB:.0f} MiB with the repository, limit set {max_mib:.0f} MiB)")

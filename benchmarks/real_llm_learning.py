@@ -70,9 +70,8 @@ def workflow_command(arm: str, workdir: Path, overlay: Path, cores: int) -> list
 
 
 def run_arm(arm: str, workdir: Path, size: int, tiny: bool, cores: int) -> dict:
-    from demo_learning import score
-
     import pandas as pd
+    from demo_learning import score
 
     workdir.mkdir(parents=True, exist_ok=True)
     overlay = workdir / "steps.yaml"
@@ -86,8 +85,8 @@ def run_arm(arm: str, workdir: Path, size: int, tiny: bool, cores: int) -> dict:
         raise SystemExit(f"{arm}: the workflow failed (exit {done.returncode}); logs under {workdir}/results/logs")
     results = workdir / "results"
     pred = pd.read_parquet(results / "experiments" / "full" / "predictions.parquet")
-    steps = [json.loads(line) for line in (results / "experiments" / "full" / "stage2" / "train_log.jsonl").read_text().splitlines()
-             if line.strip()]
+    log = results / "experiments" / "full" / "stage2" / "train_log.jsonl"
+    steps = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     res = score(results)
     return {
         "arm": arm,

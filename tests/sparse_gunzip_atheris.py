@@ -17,8 +17,8 @@ enough for zlib's output, sometimes smaller (status 3 expected).
 The oracle, for every input: the call returns one of the six status codes; when zlib decodes the file
 completely (every member, CRC and length right, zero padding only after the last) and the output fits,
 the sparse inflater says ok and wrote exactly zlib's bytes, with the right extent (the OR of the voxels
-and the bounding box exact; the header end and the dirty rows covering every non-zero byte); when zlib refuses it, the sparse inflater does not say ok. And clear() leaves
-the buffer all zero.
+and the bounding box exact; the header end and the dirty rows covering every non-zero byte); when zlib
+refuses it, the sparse inflater does not say ok. And clear() leaves the buffer all zero.
 
     LD_PRELOAD=<atheris>/asan_with_fuzzer.so python tests/sparse_gunzip_atheris.py MODULE_SO [libFuzzer args]
 

@@ -6,10 +6,10 @@ test machines, so the environments are not created here."""
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from conftest import REPO
 from packaging.requirements import Requirement

@@ -54,7 +54,7 @@ def test_repacked_shard_reads_without_zarr_with_the_same_values(tmp_path):
     assert ga._repack_features(tmp_path / "lz4.zarr", tmp_path / "none.zarr") == 3
     env = _stand_in_env(tmp_path)
     proc = subprocess.run([sys.executable, "-c", _READ, str(tmp_path / "none.zarr")], env=env, capture_output=True,
-                          text=True, check=True, cwd=tmp_path)
+                          encoding="utf-8", errors="replace", check=True, cwd=tmp_path)
     out, where = map(json.loads, proc.stdout.splitlines())
     assert "stand_ins" in where["zarr"]  # the stand-in, not the installed zarr, was imported
     for i, v in enumerate(["v0", "v1", "v2"]):
@@ -63,7 +63,7 @@ def test_repacked_shard_reads_without_zarr_with_the_same_values(tmp_path):
     # the compressed original needs numcodecs' blosc or zarr: under the stand-ins it must fail, loudly
     bad = subprocess.run([sys.executable, "-c", _READ, str(tmp_path / "lz4.zarr")], env={
         **env, "PYTHONPATH": env["PYTHONPATH"] + os.pathsep + str(ga.write_stand_ins(tmp_path / "more", ("numcodecs",)))},
-        capture_output=True, text=True, cwd=tmp_path)
+        capture_output=True, encoding="utf-8", errors="replace", cwd=tmp_path)
     assert bad.returncode != 0 and "import-only stand-in" in bad.stderr
 
 
@@ -74,8 +74,8 @@ def test_the_model_stages_import_with_the_stand_ins_and_without_the_missing_pack
             "import pipeline.skipped, pipeline.feature_store\n"
             "print(json.dumps({n: getattr(sys.modules.get(n), '__file__', None) for n in "
             "('zarr', 'SimpleITK', 'numcodecs', 'snakemake', 'nibabel')}))")
-    proc = subprocess.run([sys.executable, "-c", code], env=_stand_in_env(tmp_path), capture_output=True, text=True,
-                          check=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], env=_stand_in_env(tmp_path), capture_output=True,
+                          encoding="utf-8", errors="replace", check=True, cwd=tmp_path)
     loaded = json.loads(proc.stdout.splitlines()[-1])
     assert "stand_ins" in loaded["zarr"] and "stand_ins" in loaded["SimpleITK"]
     assert loaded["numcodecs"] is None and loaded["snakemake"] is None and loaded["nibabel"] is None
@@ -148,7 +148,7 @@ def test_tiny_mode_runs_the_three_steps_end_to_end_on_cpu(tmp_path):
     import pandas as pd
 
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_ablation.py"), "--tiny", "--keep", str(tmp_path)],
-                          capture_output=True, text=True, cwd=tmp_path)
+                          capture_output=True, encoding="utf-8", errors="replace", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "ablation.json").read_text())
     assert list(result["table"]) == list(ga.EXPERIMENTS)

@@ -68,12 +68,13 @@ def test_chromium_renders_the_page_and_finds_a_sample(tmp_path: Path) -> None:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, encoding="utf-8",
+                         errors="replace", timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert dom.stdout.count('<section class="sample"') == 3 and 'id="sample-test_000"' in dom.stdout
     shot = tmp_path / "samples.png"
     proc = subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
 
 

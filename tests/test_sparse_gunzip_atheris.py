@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
-
 import sparse_gunzip_atheris as harness
+from conftest import REPO
 
 RUNS = 30_000  # ~20-40 s on one core
 
@@ -32,7 +31,7 @@ def test_coverage_guided_fuzzing_finds_no_crash_or_disagreement(tmp_path: Path) 
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "sparse_gunzip_atheris.py"), str(tmp_path / "sg_fuzz.so"),
                            f"-runs={RUNS}", "-seed=7", *harness.MEMORY_LIMITS, f"-artifact_prefix={tmp_path}/",
                            str(tmp_path / "corpus")],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+                          capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"Done {RUNS} runs" in proc.stderr
     cov = [int(line.split("cov: ")[1].split()[0]) for line in proc.stderr.splitlines() if " cov: " in line]
