@@ -41,6 +41,19 @@ def write_box_masks(folder: Path, shape: tuple[int, int, int], names: list[str],
     return ct
 
 
+def split_labelmap(labelmap: Path, names: dict[int, str], folder: Path) -> Path:
+    """A label map as per-structure files, one binary file per class, empty ones included (what
+    TotalSegmentator writes without --ml); returns the folder."""
+    image = sitk.ReadImage(str(labelmap))
+    lab = sitk.GetArrayFromImage(image)
+    folder.mkdir(parents=True)
+    for idx, name in names.items():
+        mask = sitk.GetImageFromArray((lab == idx).astype(np.uint8))
+        mask.CopyInformation(image)
+        sitk.WriteImage(mask, str(folder / f"{name}.nii.gz"), useCompression=True)
+    return folder
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, split_labelmap
 
 from pipeline import attributes, regions, segment
 from pipeline.constants import ATTRIBUTE_STRUCTURES
@@ -37,18 +37,6 @@ def _slab(shared: Path, out: Path, z0: int, z1: int) -> tuple[Path, Path]:
     sitk.WriteImage(ct, str(out / "ct.nii.gz"), useCompression=True)
     sitk.WriteImage(seg, str(out / "seg.nii.gz"), useCompression=True)
     return out / "ct.nii.gz", out / "seg.nii.gz"
-
-
-def _split(labelmap: Path, names: dict[int, str], folder: Path) -> Path:
-    """TotalSegmentator's per-structure output: one file per class, empty ones included."""
-    image = sitk.ReadImage(str(labelmap))
-    lab = sitk.GetArrayFromImage(image)
-    folder.mkdir(parents=True)
-    for idx, name in names.items():
-        mask = sitk.GetImageFromArray((lab == idx).astype(np.uint8))
-        mask.CopyInformation(image)
-        sitk.WriteImage(mask, str(folder / f"{name}.nii.gz"), useCompression=True)
-    return folder
 
 
 def _standin_totalsegmentator(folder: Path, labelmap: Path) -> Path:
@@ -83,7 +71,7 @@ def routes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, pd.S
         ct, seg = _slab(shared_data, tmp / slab, z0, z1)
         exe = _standin_totalsegmentator(tmp / slab, seg)
         out[slab] = {
-            "folder": _attributes(tmp / slab / "a", ct, "precomputed", mask_dir=str(_split(seg, names, tmp / slab / "seg"))),
+            "folder": _attributes(tmp / slab / "a", ct, "precomputed", mask_dir=str(split_labelmap(seg, names, tmp / slab / "seg"))),
             "labelmap": _attributes(tmp / slab / "b", ct, "precomputed", mask_dir=str(seg),
                                     mask_label_names=str(shared_data / TSV)),
             "totalsegmentator": _attributes(tmp / slab / "c", ct, "totalsegmentator", command=str(exe),

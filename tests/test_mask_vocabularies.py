@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import zarr
-from conftest import REPO, write_image
+from conftest import REPO, split_labelmap, write_image
 
 from pipeline import attributes, regions, segment
 from pipeline.io import InputError
@@ -37,18 +37,6 @@ def _segment_and_merge(tmp: Path, manifest: pd.DataFrame, **kw) -> tuple[pd.Data
     return seg, qc, zarr.open_group(str(tmp / "masks.zarr"), mode="r")
 
 
-def _split_labelmap(labelmap: Path, names: dict[int, str], folder: Path) -> list[str]:
-    """One binary file per class, empty ones included, as TotalSegmentator writes without --ml."""
-    image = sitk.ReadImage(str(labelmap))
-    lab = sitk.GetArrayFromImage(image)
-    folder.mkdir(parents=True)
-    for idx, name in names.items():
-        mask = sitk.GetImageFromArray((lab == idx).astype(np.uint8))
-        mask.CopyInformation(image)
-        sitk.WriteImage(mask, str(folder / f"{name}.nii.gz"), useCompression=True)
-    return list(names.values())
-
-
 def _kidney_volumes(labelmap: Path, names: dict[int, str]) -> dict[str, float]:
     image = sitk.ReadImage(str(labelmap))
     lab = sitk.GetArrayFromImage(image)
@@ -66,7 +54,7 @@ def test_totalsegmentator_masks_folder_or_labelmap_are_detected_and_merged(share
     ct, labelmap = ts / "example_ct_sm.nii.gz", ts / "example_seg.nii.gz"
     row = {"volume_id": "case01", "ct_path": str(ct)}
     if form == "folder":
-        _split_labelmap(labelmap, names, tmp_path / "seg_case01")
+        split_labelmap(labelmap, names, tmp_path / "seg_case01")
         row["mask_dir"] = str(tmp_path / "seg_case01")  # no mask_label_names column at all
     elif form == "labelmap_tsv":
         row.update(mask_dir=str(labelmap), mask_label_names=str(shared_data / TSV))
