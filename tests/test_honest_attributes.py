@@ -71,7 +71,8 @@ def routes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, pd.S
         ct, seg = _slab(shared_data, tmp / slab, z0, z1)
         exe = _standin_totalsegmentator(tmp / slab, seg)
         out[slab] = {
-            "folder": _attributes(tmp / slab / "a", ct, "precomputed", mask_dir=str(split_labelmap(seg, names, tmp / slab / "seg"))),
+            "folder": _attributes(tmp / slab / "a", ct, "precomputed",
+                                  mask_dir=str(split_labelmap(seg, names, tmp / slab / "seg"))),
             "labelmap": _attributes(tmp / slab / "b", ct, "precomputed", mask_dir=str(seg),
                                     mask_label_names=str(shared_data / TSV)),
             "totalsegmentator": _attributes(tmp / slab / "c", ct, "totalsegmentator", command=str(exe),
