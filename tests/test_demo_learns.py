@@ -7,7 +7,7 @@ The default demo (80 volumes) cannot reach this: simple learners on its own inpu
 (`benchmarks/demo_learning.py --ceiling`). The claim is for the 5-finding demo cohort at 300 volumes
 (207 training volumes) with the 4-layer demo LM initialised at std 0.08 (`demo_llm_init_0.08.yaml`:
 at LLaMA's 0.02 the 256-wide LM's attention stays near uniform). Its model stages alone take ~86 min
-on 2 cores: more than CI's budget. So the test is opt-in. Measured (README, "Does the demo model
+on 2 cores: more than CI's budget. So the test is opt-in. Measured (docs/demo-learning.md, "Does the demo model
 learn?"): 0.645 / 0.648 / 0.784 for model seeds 0 / 1 / 2, all three passing; at init std 0.02 the
 same seeds scored 0.563 / 0.691 / 0.595, one of three passing.
 
