@@ -7,8 +7,8 @@ Two launchers, picked from the Accelerate config file and the process count:
 
 * CPU with more than one process: `torchrun` (`python -m torch.distributed.run`), one gloo rank per
   process, `ACCELERATE_USE_CPU=true`. `accelerate launch --cpu --num_processes 2` and an Accelerate
-  config with `distributed_type: MULTI_CPU` start ONE process without MPI (anchors.md), so they are
-  never used for that.
+  config with `distributed_type: MULTI_CPU` start ONE process without MPI (checked with accelerate
+  1.15 and torch 2.13 on CPU), so they are never used for that.
 * everything else (one CPU process, one or many GPUs, DeepSpeed ZeRO-2, several machines):
   `accelerate launch --config_file <file> --num_processes N --num_machines M ...`; `--processes` and
   `--machines` override the file's `num_processes` / `num_machines`.

@@ -1,6 +1,6 @@
 """Features stage: frozen 2D encoder on every slice, R2 / LITA token pooling, mask pooling -> Zarr.
 
-Per volume (paper Sec. 3.2-3.3; DESIGN.md "features"; cache layout in `pipeline.feature_store`):
+Per volume (MedRegion-CT paper, Sec. 3.2-3.3; cache layout in `pipeline.feature_store`):
 
 1. `preprocess`: HU window -> min-max to [0, 1] -> trilinear resize to (D, H, W) = (32, 256, 256);
    masks resized by area fraction then thresholded; grey -> 3 channels -> the processor's mean / std

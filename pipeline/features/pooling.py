@@ -1,4 +1,4 @@
-"""Token pooling (paper Sec. 3.2-3.3; DESIGN.md "features"), as pure functions on tensors.
+"""Token pooling (MedRegion-CT paper, Sec. 3.2-3.3), as pure functions on tensors.
 
 - global: per slice, the mean of its final-layer patch tokens -> D tokens.
 - region (R2): for each region mask the slice with the most mask pixels (first such slice on a tie);
