@@ -1,57 +1,14 @@
+"""The fixtures the test modules share (the plain helpers are in helpers.py): the reference data, the tiny
+model of the model tests, the end-to-end demo run and a one-node SLURM cluster."""
+
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
+from helpers import N_TRAIN, N_VOL, SENTENCES, SHARED_DATA, C, no_network_prefix, snakemake
 from slurm_cluster import SessionSlurm, readers_last
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def write_image(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 3.0), origin=(0.0, 0.0, 0.0)) -> Path:
-    """Write a (z, y, x) array as a NIfTI with the given geometry."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    sitk.WriteImage(image, str(path), useCompression=True)
-    return path
-
-
-def write_box_masks(folder: Path, shape: tuple[int, int, int], names: list[str], seed: int, start_max: int,
-                    length_max: tuple[int, int, int]) -> Path:
-    """A zero int16 CT `folder/v.nii.gz` and one random 0/1 box mask per name in `folder/seg`
-    (corner below `start_max` on each axis, side below `length_max`); returns the CT's path."""
-    rng = np.random.default_rng(seed)
-    ct = write_image(folder / "v.nii.gz", np.zeros(shape, np.int16))
-    for name in names:
-        m = np.zeros(shape, np.uint8)
-        z, y, x = rng.integers(0, start_max, 3)
-        m[z : z + rng.integers(1, length_max[0]), y : y + rng.integers(1, length_max[1]),
-          x : x + rng.integers(1, length_max[2])] = 1
-        write_image(folder / "seg" / f"{name}.nii.gz", m)
-    return ct
-
-
-def split_labelmap(labelmap: Path, names: dict[int, str], folder: Path) -> Path:
-    """A label map as per-structure files, one binary file per class, empty ones included (what
-    TotalSegmentator writes without --ml); returns the folder."""
-    image = sitk.ReadImage(str(labelmap))
-    lab = sitk.GetArrayFromImage(image)
-    folder.mkdir(parents=True)
-    for idx, name in names.items():
-        mask = sitk.GetImageFromArray((lab == idx).astype(np.uint8))
-        mask.CopyInformation(image)
-        sitk.WriteImage(mask, str(folder / f"{name}.nii.gz"), useCompression=True)
-    return folder
 
 
 @pytest.fixture
@@ -61,39 +18,54 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-E2E_CONFIG = REPO / "tests" / "data" / "e2e_config.yaml"
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Feature shard, attribute and report parquets, tiny LLM folder (helpers.py: make_model, make_dataset)."""
+    import pandas as pd
 
+    from model.demo_llm import build_demo_llm
+    from model.prompt import format_structured
+    from pipeline.constants import REGIONS
+    from pipeline.feature_store import write_feature_shard
 
-def no_network_prefix() -> list[str]:
-    """`unshare -n`: run in a fresh network namespace with no route anywhere, when we may."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return []
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
-    return ["unshare", "-n"] if probe.returncode == 0 else []
-
-
-def snakemake_command(workdir: Path, *args: str, env: dict[str, str] | None = None, offline: bool = False,
-                      configfiles: Sequence[Path] = (E2E_CONFIG,)) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of `snakemake()` (which documents the arguments)."""
-    prefix = no_network_prefix() if offline else []
-    cmd = [*prefix, sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", *map(str, configfiles), "--cores", "2", *args]
-    return cmd, {**(env or os.environ), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
-              timeout: float = 1800, offline: bool = False,
-              configfiles: Sequence[Path] = (E2E_CONFIG,)) -> subprocess.CompletedProcess[str]:
-    """Run the project's workflow in `workdir` with `configfiles` over config/config.yaml (default: the
-    end-to-end test config); `check` raises with Snakemake's output when it fails.
-
-    `offline=True` runs it in a network namespace of its own (nothing reachable), where possible.
-    """
-    cmd, env = snakemake_command(workdir, *args, env=env, offline=offline, configfiles=configfiles)
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    ids = [f"vol{i:03d}" for i in range(N_VOL)]
+    rows, attrs = [], []
+    arrays = {
+        k: [] for k in ("global", "region", "mask_pooled", "mask_grid", "region_slices", "mask_present")
+    }
+    for i, vid in enumerate(ids):
+        cls = i % 3  # the features carry the lung finding's class
+        r = {reg: SENTENCES[reg][i % len(SENTENCES[reg])] for reg in REGIONS}
+        r["findings"] = " ".join(t for t in r.values() if t)
+        rows.append({"volume_id": vid, **r})
+        attrs.append(
+            {
+                "volume_id": vid,
+                "prompt": f"Organ Volumes:\nLung:\n- Right Upper Lobe: {1000 + i} ml\n"
+                "Lesion Details:\nNodule:\n"
+                f"- count: {cls}\n- location: " + ", ".join(["right upper lobe"] * (i % 4 + 1)),
+                "liver_volume": 1500.0 + i,
+            }
+        )
+        arrays["global"].append(rng.normal(cls, 1, (32, C)))
+        arrays["region"].append(rng.normal(cls, 1, (324, C)))
+        arrays["mask_pooled"].append(rng.normal(cls, 1, (9, 4, C)))
+        arrays["mask_grid"].append(rng.random((9, 4, 8, 8)) > 0.5)
+        arrays["region_slices"].append(np.arange(6))
+        present = np.ones(9, bool)
+        present[6 + cls % 3] = False
+        arrays["mask_present"].append(present)
+    arrays = {k: np.stack(v) for k, v in arrays.items()}
+    write_feature_shard(root / "shard-0.zarr", ids, arrays, {"hidden_size": C, "encoder": "test"})
+    df = pd.DataFrame(rows)
+    df.iloc[:N_TRAIN].to_parquet(root / "train.parquet")
+    df.iloc[N_TRAIN:].to_parquet(root / "val.parquet")
+    pd.DataFrame(attrs).to_parquet(root / "attributes.parquet")
+    texts = list(df["findings"]) + [format_structured(r) for r in rows]
+    build_demo_llm(root / "llm", texts * 3, vocab_size=400, hidden_size=32, layers=2, heads=4, seed=0)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -256,7 +256,7 @@ def run_through_slurm(cluster: LocalSlurm, workdir: Path, *args: str, kill: str 
                       running: list[subprocess.Popen[str]] | None = None) -> SlurmRun:
     """Snakemake with the SLURM profile in `workdir`; with `kill`, that job is scancel'ed once mid-run.
     `running`, when given, holds the Snakemake process while it runs (so that it can be stopped)."""
-    from conftest import snakemake_command  # how every test runs the workflow
+    from helpers import snakemake_command  # how every test runs the workflow
 
     before = {j["id"] for j in cluster.jobs()}
     watch = Watch(cluster, kill or "", started or workdir / "never")

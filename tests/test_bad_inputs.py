@@ -29,7 +29,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import zarr
-from conftest import REPO, snakemake, write_image
+from helpers import REPO, snakemake, write_image
 
 from pipeline import attributes, cohort, dicom, regions, reports, segment
 from pipeline.feature_store import FeatureStore, FeatureStoreError, write_feature_shard

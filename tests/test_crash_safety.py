@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from conftest import REPO
+from helpers import REPO
 
 N_CASES = 6
 ENCODER = {"hidden_size": 32, "num_hidden_layers": 2, "patch_size": 14}

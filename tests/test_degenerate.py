@@ -9,8 +9,7 @@ import sys
 
 import pandas as pd
 import pytest
-from conftest import REPO
-from test_evaluate import _fake_metrics
+from helpers import REPO, fake_metrics
 
 from model.prompt import parse_structured
 from pipeline.constants import REGIONS
@@ -96,7 +95,7 @@ def test_columns_and_block():
 
 
 def test_table_marks_a_mostly_degenerate_experiment(tmp_path):
-    ok, broken, old = (_fake_metrics(n, 0.3, 0.3, 0.3, 0.3) for n in ("ours", "broken", "old"))
+    ok, broken, old = (fake_metrics(n, 0.3, 0.3, 0.3, 0.3) for n in ("ours", "broken", "old"))
     ok["degenerate"] = degenerate_block(_predictions([GOOD, GOOD, "[Lung]:"]))
     broken["degenerate"] = degenerate_block(_predictions(["[Lung]:", "[Lung]:", GOOD]))
     # `old`: a metrics.json from before the block existed: no mark, no fraction

@@ -7,8 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
-from test_model import make_dataset, make_model, tiny  # noqa: F401  (fixture)
+from helpers import REPO, make_dataset, make_model
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -27,7 +26,7 @@ def test_each_position_gets_its_part():
     assert got == ["prompt text", "vision", "prompt text", "report so far"]
 
 
-def test_uniform_attention_gives_each_part_its_share(tiny):  # noqa: F811
+def test_uniform_attention_gives_each_part_its_share(tiny):
     model = make_model(tiny).eval()
     ds = make_dataset(tiny, model)
     queries = [name for name, _ in model.llm.named_parameters() if "q_proj" in name and "lora_" not in name]

@@ -395,7 +395,7 @@ def test_cli_writes_cohort(tmp_path, capsys):
 def test_config_findings_reach_the_generator(tmp_path, findings, expect):
     """`dataset.demo.findings` / `normal_fraction` are schema-checked and passed, shell-quoted, to the
     demo_cohort rule's command (dry run)."""
-    from conftest import E2E_CONFIG, snakemake
+    from helpers import E2E_CONFIG, snakemake
 
     overlay = tmp_path / "demo.yaml"
     overlay.write_text(f"dataset:\n  demo:\n    findings: {findings}\n    normal_fraction: 0.2\n", encoding="utf-8")
@@ -410,7 +410,7 @@ def test_config_findings_reach_the_generator(tmp_path, findings, expect):
 def test_default_config_passes_no_planting_options(tmp_path):
     """Unset, the options stay off the command line, so an existing demo run's demo_cohort job keeps
     its command (Snakemake reruns a job whose params changed)."""
-    from conftest import E2E_CONFIG, snakemake
+    from helpers import E2E_CONFIG, snakemake
 
     proc = snakemake(tmp_path, "-n", "-p", "--forceall", "results/demo/cohort", timeout=300, configfiles=(E2E_CONFIG,))
     out = proc.stdout + proc.stderr

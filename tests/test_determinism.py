@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from conftest import snakemake
+from helpers import snakemake
 
 pytestmark = pytest.mark.slow
 

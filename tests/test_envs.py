@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import yaml
-from conftest import REPO
+from helpers import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import fake_metrics, report_frames
 
 from pipeline.constants import CTRATE_CLASSES, REGIONS
 from pipeline.evaluate import run as run_mod
@@ -277,43 +278,6 @@ def test_clinical_scores_rejects_bad_shapes():
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _frames(n_orphans: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    ids = ["train_1_a_1", "train_2_a_1", "train_3_b_2"]
-    ref_regions = {
-        "lung": ["Millimetric nodules are observed in both lungs.", "Pleural effusion on the right.", ""],
-        "airways": ["Trachea and both main bronchi are open.", "", ""],
-        "mediastinum": ["", "Lymph nodes of pathological size.", ""],
-        "heart": ["Heart size is normal.", "Heart size increased.", ""],
-        "osseous": ["", "", "Degenerative changes in the spine."],
-        "abdomen": ["", "", ""],
-    }
-    pred_regions = {
-        "lung": ["Millimetric nodules are observed in both lungs.", "No pleural effusion.", ""],
-        "airways": ["Trachea and both main bronchi are open.", "", "Trachea is open."],
-        "mediastinum": ["", "Lymph nodes of pathological size.", ""],
-        "heart": ["Heart size is normal.", "Heart size increased.", ""],
-        "osseous": ["", "", ""],
-        "abdomen": ["", "", ""],
-    }
-
-    def merged(regions, i):
-        return " ".join(regions[r][i] for r in REGIONS if regions[r][i])
-
-    findings = [merged(ref_regions, i) for i in range(3)]
-    ref = pd.DataFrame({"volume_id": ids, "findings": findings, **ref_regions})
-    labels = label_reports(ref["findings"].tolist())
-    for k, c in enumerate(CTRATE_CLASSES):
-        ref[c] = labels[:, k]
-    pred = pd.DataFrame(
-        {"volume_id": ids[::-1], "report": [merged(pred_regions, i) for i in range(3)][::-1],
-         **{r: v[::-1] for r, v in pred_regions.items()}}
-    )
-    for k in range(n_orphans):
-        pred.loc[len(pred)] = {"volume_id": f"valid_9{k}_a_1", "report": "Heart size increased.",
-                               **{r: "" for r in REGIONS}}
-    return pred, ref
-
-
 def _run_cli(tmp_path, pred, ref, *extra, suffix=".parquet") -> tuple[int, dict | None, Path]:
     pp, rp, out = tmp_path / f"pred{suffix}", tmp_path / "ref.parquet", tmp_path / "m" / "metrics.json"
     if suffix == ".parquet":
@@ -325,7 +289,7 @@ def _run_cli(tmp_path, pred, ref, *extra, suffix=".parquet") -> tuple[int, dict 
 
 
 def test_cli_end_to_end(tmp_path, shared_meteor, capsys):
-    pred, ref = _frames()
+    pred, ref = report_frames()
     rc, m, out = _run_cli(tmp_path, pred, ref)
     assert rc == 0
     printed = capsys.readouterr().out
@@ -362,7 +326,7 @@ def test_cli_end_to_end(tmp_path, shared_meteor, capsys):
 
 # ---------------------------------------------------------------------------------------------- bad input
 def test_prediction_without_reference_is_reported_not_scored(tmp_path, shared_meteor):
-    pred, ref = _frames(n_orphans=2)
+    pred, ref = report_frames(n_orphans=2)
     rc, m, _ = _run_cli(tmp_path, pred, ref)
     assert rc == 0 and m["n_volumes"] == 3
     orphans = m["inputs"]["predictions_without_reference"]
@@ -372,7 +336,7 @@ def test_prediction_without_reference_is_reported_not_scored(tmp_path, shared_me
 
 
 def test_no_prediction_with_a_reference_fails_naming_ids(tmp_path):
-    pred, ref = _frames()
+    pred, ref = report_frames()
     pp, rp = tmp_path / "pred.parquet", tmp_path / "ref.parquet"
     pred.to_parquet(pp)
     ref.assign(volume_id=ref["volume_id"] + "_other").to_parquet(rp)
@@ -387,7 +351,7 @@ def test_no_prediction_with_a_reference_fails_naming_ids(tmp_path):
 
 
 def test_empty_generated_report_is_scored_as_empty(tmp_path, shared_meteor):
-    pred, ref = _frames()
+    pred, ref = report_frames()
     pred.loc[pred["volume_id"] == "train_1_a_1", ["report", *REGIONS]] = ""
     rc, m, _ = _run_cli(tmp_path, pred, ref)
     assert rc == 0 and m["n_volumes"] == 3
@@ -399,7 +363,7 @@ def test_empty_generated_report_is_scored_as_empty(tmp_path, shared_meteor):
 
 
 def test_non_utf8_text_is_repaired_and_counted(tmp_path, shared_meteor):
-    pred, ref = _frames()
+    pred, ref = report_frames()
     lines = ["volume_id,report,lung"]
     for vid, report, lung in pred[["volume_id", "report", "lung"]].itertuples(index=False):
         lines.append(f'{vid},"{report}","{lung}"')
@@ -416,7 +380,7 @@ def test_non_utf8_text_is_repaired_and_counted(tmp_path, shared_meteor):
 
 
 def test_report_with_only_one_of_six_sections(tmp_path, shared_meteor):
-    pred, ref = _frames()
+    pred, ref = report_frames()
     only_lung = pred[["volume_id", "lung"]].rename(columns={"lung": "lung"})
     rc, m, _ = _run_cli(tmp_path, only_lung, ref)
     assert rc == 0
@@ -428,7 +392,7 @@ def test_report_with_only_one_of_six_sections(tmp_path, shared_meteor):
 
 
 def test_java_missing_cli_reports_meteor_not_run(tmp_path):
-    pred, ref = _frames()
+    pred, ref = report_frames()
     pp, rp, out = tmp_path / "pred.parquet", tmp_path / "ref.parquet", tmp_path / "metrics.json"
     pred.to_parquet(pp)
     ref.to_parquet(rp)
@@ -451,39 +415,13 @@ def test_java_missing_cli_reports_meteor_not_run(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- table
-def _fake_metrics(name: str, b4: float, rl: float, met: float, ca: float, green: float | None = None) -> dict:
-    def entry(v, impl, avg):
-        return {"value": v, "implementation": impl, "averaging": avg}
-
-    rep = {
-        "BLEU-4": entry(b4, "pycocoevalcap-1.2 Bleu", "corpus"),
-        "BLEU-4 report-mean": entry(b4 - 0.05, "pycocoevalcap-1.2 Bleu per pair", "report-mean"),
-        "ROUGE-L": entry(rl, "ROUGE-L as pycocoevalcap Rouge", "report-mean"),
-        "METEOR": entry(met, "pycocoevalcap-1.2 Meteor jar", "corpus"),
-        "METEOR-NLTK report-mean": entry(met + 0.2, "NLTK-style METEOR", "report-mean"),
-    }
-    per_class = {c: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 3, "predicted": 3} for c in CTRATE_CLASSES}
-    per_class["Hiatal hernia"] = {"precision": None, "recall": None, "f1": None, "support": 0, "predicted": 0}
-    green_block = ({"status": "not run", "reason": "GREEN adapter not configured", "value": None} if green is None
-                   else {"status": "ok", "value": green, "implementation": "GREEN", "averaging": "report-mean"})
-    return {
-        "experiment": name,
-        "n_volumes": 10,
-        "nlg": {"report": rep},
-        "clinical": {"labeler_vs_labeler": {"macro_f1": ca, "micro_f1": ca, "weighted_f1": ca,
-                                            "per_class": per_class, "implementation": "rule labeler CA-F1"}},
-        "green": green_block,
-        "judge": {"status": "not run", "reason": "LLM judge not configured", "value": None},
-    }
-
-
 def test_table_cli(tmp_path):
     from pipeline.evaluate.table import COLUMNS
 
     paths = []
     for name, vals in (("ours", (0.29, 0.37, 0.49, 0.45)), ("ablation-r2", (0.26, 0.34, 0.48, 0.40))):
         p = tmp_path / f"{name}.json"
-        p.write_text(json.dumps(_fake_metrics(name, *vals)), encoding="utf-8")
+        p.write_text(json.dumps(fake_metrics(name, *vals)), encoding="utf-8")
         paths.append(str(p))
     out = tmp_path / "tables"
     r = subprocess.run(
@@ -520,6 +458,6 @@ def test_table_cli(tmp_path):
 def test_table_shows_green_when_it_ran(tmp_path):
     from pipeline.evaluate.table import build_table
 
-    df, impls, _ = build_table([_fake_metrics("a", 0.3, 0.3, 0.3, 0.3, green=0.25)])
+    df, impls, _ = build_table([fake_metrics("a", 0.3, 0.3, 0.3, 0.3, green=0.25)])
     assert df.loc[0, "GREEN report-mean"] == pytest.approx(0.25)
     assert "report-mean" in impls["GREEN report-mean"]

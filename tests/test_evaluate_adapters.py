@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import JudgeHandler
 
 from pipeline.constants import CTRATE_CLASSES, REGIONS
 from pipeline.evaluate import green, judge
@@ -223,36 +224,9 @@ def test_judge_score_parsing(text, expected):
     assert judge.parse_score(text) == expected
 
 
-class _JudgeHandler(BaseHTTPRequestHandler):
-    answers: dict[str, list] = {}
-    seen_auth: list[str | None] = []
-
-    def do_POST(self):  # noqa: N802 - http.server API
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.seen_auth.append(self.headers.get("Authorization"))
-        assert self.path == "/v1/chat/completions" and body["temperature"] == 0
-        user = body["messages"][-1]["content"]
-        pred = user.split("prediction: ", 1)[1].split("\n", 1)[0]
-        queue = self.answers[pred]
-        reply = queue.pop(0) if len(queue) > 1 else queue[0]
-        if isinstance(reply, int):
-            self.send_response(reply)
-            self.end_headers()
-            return
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def judge_server():
-    _JudgeHandler.answers = {
+    JudgeHandler.answers = {
         "P1": ["Score: 85"],
         "P2": ["Most aspects are covered. Score: 72.5."],
         "P3": ["It is a decent report."],  # no score: missing
@@ -260,8 +234,8 @@ def judge_server():
         "P5": ["**Score:** 40/100"],
         "P6": [503, "Score: 60"],  # one transient failure, then an answer (retry)
     }
-    _JudgeHandler.seen_auth = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _JudgeHandler)
+    JudgeHandler.seen_auth = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
@@ -281,7 +255,7 @@ def test_judge_against_local_server(judge_server, monkeypatch):
     assert res["n_scored"] == 4 and res["n_missing"] == 2 and res["n_failed_requests"] == 1
     assert res["per_report"][3]["error"] and "500" in res["per_report"][3]["error"]
     assert res["scale"] == "0-100" and res["averaging"] == "report-mean" and "tiny-judge" in res["implementation"]
-    assert set(_JudgeHandler.seen_auth) == {"Bearer sk-test"}
+    assert set(JudgeHandler.seen_auth) == {"Bearer sk-test"}
 
 
 def test_judge_cli_and_missing_api_key(judge_server, tmp_path):

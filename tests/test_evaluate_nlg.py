@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED_DATA, no_network_prefix
+from helpers import SHARED_DATA, no_network_prefix
 
 from pipeline.evaluate import hf_evaluate
 from pipeline.evaluate.nlg import MeteorNotRun, WordNetNotRun, nlg_scores, normalize_text, open_wordnet

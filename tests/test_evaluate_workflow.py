@@ -15,8 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_evaluate import _frames
-from test_evaluate_adapters import _JudgeHandler
+from helpers import JudgeHandler, report_frames
 
 REPO = Path(__file__).parents[1]
 
@@ -52,9 +51,9 @@ rule all:
 
 @pytest.fixture
 def workdir(tmp_path: Path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _JudgeHandler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    pred, ref = _frames()
+    pred, ref = report_frames()
     res = tmp_path / "results"
     (res / "reports").mkdir(parents=True)
     ref.to_parquet(res / "reports" / "test.parquet")
@@ -62,7 +61,7 @@ def workdir(tmp_path: Path):
         (res / "experiments" / exp).mkdir(parents=True)
         pred.assign(report="" if exp == "r2" else pred["report"]).to_parquet(res / "experiments" / exp / "predictions.parquet")
     # every judge request gets "Score: 50" (the handler keys answers by prediction text)
-    _JudgeHandler.answers = {p: ["Score: 50"] for p in [*pred["report"], ""]}
+    JudgeHandler.answers = {p: ["Score: 50"] for p in [*pred["report"], ""]}
     config = {
         "results": "results",
         "experiments": {"full": {}, "r2": {}},

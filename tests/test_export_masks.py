@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-from conftest import REPO
+from helpers import REPO
 
 from pipeline import export_masks, regions
 from pipeline.constants import LESIONS, REGIONS

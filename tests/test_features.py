@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
-from conftest import REPO, write_image
+from helpers import REPO, write_image
 
 from pipeline import features
 from pipeline.constants import CHANNELS, REGIONS, TOKEN_MASKS

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from conftest import REPO, SHARED_DATA, split_labelmap
+from helpers import REPO, SHARED_DATA, split_labelmap
 
 from pipeline import attributes, regions, segment
 from pipeline.constants import ATTRIBUTE_STRUCTURES

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import zarr
-from conftest import REPO, split_labelmap, write_image
+from helpers import REPO, split_labelmap, write_image
 
 from pipeline import attributes, regions, segment
 from pipeline.io import InputError

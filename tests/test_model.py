@@ -1,24 +1,24 @@
 """Tests of model/: prompt, splice, labels, trainability, persistence, data, and the train/generate CLIs.
 
-Everything runs on a tiny Llama (hidden 32, 2 layers) with a tokenizer trained here, and a feature
-shard with C=16 written with pipeline.feature_store.write_feature_shard. No network, CPU only.
+Everything runs on a tiny Llama (hidden 32, 2 layers) with a tokenizer trained on the reports, and a feature
+shard with C=16 written with pipeline.feature_store.write_feature_shard (fixture `tiny`, tests/conftest.py).
+No network, CPU only.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import REPO, C, log_records, make_config, make_dataset, make_model, run_cli, run_process_group, train_args
 from transformers import AutoModelForCausalLM
 
-from model.data import Collator, LengthGroupedBatchSampler, ReportDataset, build_dataset
+from model.data import Collator, LengthGroupedBatchSampler, ReportDataset
 from model.demo_llm import build_demo_llm
 from model.demo_llm import main as demo_llm_main
 from model.network import CONFIG_NAME, MedRegionCT, MedRegionCTConfig
@@ -35,98 +35,7 @@ from model.prompt import (
     parse_structured,
 )
 from pipeline.constants import REGIONS, TOKEN_MASKS
-from pipeline.feature_store import FeatureStore, write_feature_shard
-
-REPO = Path(__file__).resolve().parents[1]
-C = 16
-N_VOL = 12
-N_TRAIN = 8
-
-SENTENCES = {
-    "lung": ["The lungs are clear.", "A nodule in the right upper lobe.", "Emphysema in both lungs."],
-    "airways": ["Trachea and main bronchi are patent.", "Peribronchial thickening is seen."],
-    "mediastinum": ["No lymphadenopathy.", "Enlarged mediastinal lymph nodes."],
-    "heart": ["Heart size is normal.", "Cardiomegaly is present.", "Heart size is normal."],
-    "osseous": ["No lytic lesion.", ""],
-    "abdomen": ["Liver is normal.", "A cyst in the left kidney."],
-}
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """Feature shard, attribute and report parquets, tiny LLM folder."""
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    ids = [f"vol{i:03d}" for i in range(N_VOL)]
-    rows, attrs = [], []
-    arrays = {
-        k: [] for k in ("global", "region", "mask_pooled", "mask_grid", "region_slices", "mask_present")
-    }
-    for i, vid in enumerate(ids):
-        cls = i % 3  # the features carry the lung finding's class
-        r = {reg: SENTENCES[reg][i % len(SENTENCES[reg])] for reg in REGIONS}
-        r["findings"] = " ".join(t for t in r.values() if t)
-        rows.append({"volume_id": vid, **r})
-        attrs.append(
-            {
-                "volume_id": vid,
-                "prompt": f"Organ Volumes:\nLung:\n- Right Upper Lobe: {1000 + i} ml\n"
-                "Lesion Details:\nNodule:\n"
-                f"- count: {cls}\n- location: " + ", ".join(["right upper lobe"] * (i % 4 + 1)),
-                "liver_volume": 1500.0 + i,
-            }
-        )
-        arrays["global"].append(rng.normal(cls, 1, (32, C)))
-        arrays["region"].append(rng.normal(cls, 1, (324, C)))
-        arrays["mask_pooled"].append(rng.normal(cls, 1, (9, 4, C)))
-        arrays["mask_grid"].append(rng.random((9, 4, 8, 8)) > 0.5)
-        arrays["region_slices"].append(np.arange(6))
-        present = np.ones(9, bool)
-        present[6 + cls % 3] = False
-        arrays["mask_present"].append(present)
-    arrays = {k: np.stack(v) for k, v in arrays.items()}
-    write_feature_shard(root / "shard-0.zarr", ids, arrays, {"hidden_size": C, "encoder": "test"})
-    df = pd.DataFrame(rows)
-    df.iloc[:N_TRAIN].to_parquet(root / "train.parquet")
-    df.iloc[N_TRAIN:].to_parquet(root / "val.parquet")
-    pd.DataFrame(attrs).to_parquet(root / "attributes.parquet")
-    texts = list(df["findings"]) + [format_structured(r) for r in rows]
-    build_demo_llm(root / "llm", texts * 3, vocab_size=400, hidden_size=32, layers=2, heads=4, seed=0)
-    return root
-
-
-def make_config(tiny, stage=2, **kw):
-    base = {
-        "llm_path": str(tiny / "llm"),
-        "encoder_hidden": C,
-        "mask_grid": (4, 8, 8),
-        "mask_hidden": 24,
-        "stage": stage,
-        "lora_r": 4,
-        "lora_alpha": 8,
-    }
-    base.update(kw)
-    return MedRegionCTConfig(**base)
-
-
-def make_model(tiny, stage=2, **kw):
-    torch.manual_seed(0)
-    return MedRegionCT.from_config(make_config(tiny, stage, **kw))
-
-
-def make_dataset(tiny, model, reports="train.parquet", **kw):
-    cfg = model.config
-    args = {
-        "stage": cfg.stage,
-        "use_mask_tokens": cfg.prompt_uses_masks,
-        "use_attributes": cfg.prompt_uses_attributes,
-        "n_vision": cfg.n_vision,
-    }
-    args.update(kw)
-    return build_dataset(
-        [tiny / "shard-0.zarr"], [tiny / "attributes.parquet"], tiny / reports, model.tokenizer, **args
-    )
-
+from pipeline.feature_store import FeatureStore
 
 # ---- prompt --------------------------------------------------------------------------------------
 
@@ -651,65 +560,6 @@ def test_accelerate_configs_parse():
 
 
 # ---- CLIs ----------------------------------------------------------------------------------------
-
-
-def run_cli(module, *args, check=True):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        check=False,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        encoding="utf-8", errors="replace",
-        timeout=300,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def train_args(tiny, stage, out, params, *extra):
-    return [
-        "--stage",
-        stage,
-        "--params-json",
-        json.dumps(params),
-        "--features",
-        tiny / "shard-0.zarr",
-        "--attributes",
-        tiny / "attributes.parquet",
-        "--train-reports",
-        tiny / "train.parquet",
-        "--val-reports",
-        tiny / "val.parquet",
-        "--llm",
-        tiny / "llm",
-        "--out",
-        out,
-        *extra,
-    ]
-
-
-def run_process_group(cmd, env, timeout):
-    """Run cmd in its own process group; on timeout kill the whole group (launcher and every rank)."""
-    import signal
-
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
-        start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{cmd[:4]} timed out after {timeout} s:\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def log_records(out):
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import zarr
-from conftest import REPO, SHARED_DATA, write_image
+from helpers import REPO, SHARED_DATA, write_image
 
 from pipeline import attributes, regions, segment
 from pipeline.constants import TOKEN_MASKS

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import yaml
-from conftest import REPO, snakemake, write_image
+from helpers import REPO, snakemake, write_image
 
 from pipeline import cohort, own_data, reports
 from pipeline.config_check import placeholder_keys, resolve_demo_model_paths

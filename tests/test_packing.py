@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_model import log_records, make_dataset, make_model, run_cli, tiny, train_args  # noqa: F401  (fixtures)
+from helpers import log_records, make_dataset, make_model, run_cli, train_args
 
 from model.data import Collator
 
 
 @pytest.mark.parametrize("logits_on_targets", [False, True])
-def test_packed_batch_gives_the_padded_loss_and_gradients(tiny, logits_on_targets):  # noqa: F811
+def test_packed_batch_gives_the_padded_loss_and_gradients(tiny, logits_on_targets):
     model = make_model(tiny, lora_dropout=0.0)
     model.set_trainable(2)
     model.logits_on_targets = logits_on_targets
@@ -43,7 +43,7 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(tiny, logits_on_target
         torch.testing.assert_close(g_pack[name], g_pad[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_attention_does_not_cross_samples(tiny):  # noqa: F811
+def test_attention_does_not_cross_samples(tiny):
     """Changing the first sample's tokens leaves the second sample's logits unchanged in a packed row."""
     model = make_model(tiny)
     model.eval()
@@ -57,7 +57,7 @@ def test_attention_does_not_cross_samples(tiny):  # noqa: F811
     torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-5)
 
 
-def test_trainer_with_packing_follows_the_padded_run(tiny, tmp_path):  # noqa: F811
+def test_trainer_with_packing_follows_the_padded_run(tiny, tmp_path):
     params = {"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 1e-2, "log_every": 1, "checkpoint_every": 0,
               "mask_hidden": 24, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "warmup_ratio": 0.1}
     runs = {}

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 import SimpleITK as sitk
 import zarr
-from conftest import snakemake
+from helpers import snakemake
 
 pytestmark = pytest.mark.slow
 

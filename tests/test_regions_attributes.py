@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import SimpleITK as sitk
 import zarr
-from conftest import REPO, write_box_masks, write_image
+from helpers import REPO, huge_header_copy, write_box_masks, write_image
 
 from pipeline import attributes, regions, reports
 from pipeline.constants import ATTRIBUTE_STRUCTURES, CHANNELS, LESIONS, LOBES, REGIONS
@@ -219,14 +217,6 @@ def test_4d_ct_and_4d_mask(tmp_path: Path) -> None:
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 6, 10, 12), np.int16), isVector=False), str(ct4),
                     useCompression=True)
     _fail_shard(tmp_path, _manifest([("v1", ct4, mask_dir)]), r"volume v1: .*ct4\.nii\.gz is 4D")
-
-
-def huge_header_copy(src: Path, dst: Path, dims: tuple[int, int, int]) -> Path:
-    """A copy of a small NIfTI whose header claims `dims` voxels (the voxel data is not there)."""
-    raw = bytearray(gzip.decompress(src.read_bytes()))
-    raw[42:48] = struct.pack("<3h", *dims)
-    dst.write_bytes(gzip.compress(bytes(raw)))
-    return dst
 
 
 def test_header_beyond_memory_cap_is_refused_before_reading(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, snakemake
+from helpers import REPO, snakemake
 
 pytestmark = pytest.mark.slow
 SHARDS = 3

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import E2E_CONFIG, snakemake
+from helpers import E2E_CONFIG, snakemake
 
 from pipeline.feature_store import FEATURE_ARRAYS, FeatureStore
 

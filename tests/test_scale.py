@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 _spec = importlib.util.spec_from_file_location("dag_scale", REPO / "benchmarks" / "dag_scale.py")
 dag_scale = importlib.util.module_from_spec(_spec)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 SOURCES = sorted(p for d in ("pipeline", "model", "benchmarks") for p in (REPO / d).rglob("*.py"))
 

@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from conftest import REPO, write_image
-from test_regions_attributes import huge_header_copy
+from helpers import REPO, huge_header_copy, write_image
 
 from pipeline import dicom, regions, sat, segment, totalseg
 from pipeline.io import InputError

@@ -1,6 +1,6 @@
 """Skips that carry through (pipeline/skipped.py, model/data.py): the QC tables say which volumes a stage
 skipped; training and generation leave exactly those out, and a volume missing from the caches without
-such a record is still an error. Unit tests ~5 s (the tiny model of test_model.py)."""
+such a record is still an error. Unit tests ~5 s (the tiny model: fixture `tiny`, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import time
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from conftest import snakemake
-from test_model import make_model, tiny  # noqa: F401  (fixture)
+from helpers import make_model, snakemake
 
 from model.data import ReportDataset
 from pipeline.feature_store import FeatureStore
@@ -68,12 +67,12 @@ def test_a_bad_qc_table_names_the_file(tmp_path):
         skipped_volumes([tmp_path / "junk.parquet"])
 
 
-def _dataset(tiny, reports, model, **kw):  # noqa: F811
+def _dataset(tiny, reports, model, **kw):
     return ReportDataset(FeatureStore([tiny / "shard-0.zarr"]), reports, pd.read_parquet(tiny / "attributes.parquet"),
                          model.tokenizer, stage=2, use_mask_tokens=True, use_attributes=True, **kw)
 
 
-def test_dataset_leaves_out_skipped_volumes_only(tiny, tmp_path):  # noqa: F811
+def test_dataset_leaves_out_skipped_volumes_only(tiny, tmp_path):
     model = make_model(tiny)
     reports = pd.read_parquet(tiny / "train.parquet")
     ghost = reports.iloc[0].copy()

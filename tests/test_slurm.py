@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import slurm_cluster
 import yaml
-from conftest import E2E_CONFIG
+from helpers import E2E_CONFIG
 from slurm_cluster import KILLED, PROFILE, LocalSlurm, SessionSlurm, SlurmRun, readers_last, run_through_slurm
 
 pytestmark = pytest.mark.slow

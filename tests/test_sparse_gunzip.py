@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, write_box_masks, write_image
+from helpers import REPO, write_box_masks, write_image
 
 from pipeline import _sparse_gunzip as sg  # a failed C build must fail these tests, not skip them
 from pipeline import regions

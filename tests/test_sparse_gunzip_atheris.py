@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sparse_gunzip_atheris as harness
-from conftest import REPO
+from helpers import REPO
 
 RUNS = 30_000  # ~20-40 s on one core
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_image
+from helpers import write_image
 
 from pipeline import cohort, reports
 from pipeline.io import InputError

@@ -5,7 +5,7 @@ train_log.jsonl, which is still written; without it no event file appears."""
 from __future__ import annotations
 
 import pytest
-from test_model import log_records, run_cli, tiny, train_args  # noqa: F401  (fixtures)
+from helpers import log_records, run_cli, train_args
 
 from model.train import tracker_values
 
@@ -20,7 +20,7 @@ def _scalars(folder):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_tensorboard_event_file_holds_the_jsonl_curves(tiny, tmp_path):  # noqa: F811
+def test_tensorboard_event_file_holds_the_jsonl_curves(tiny, tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "stage2"
     params = {"epochs": 2, "batch_size": 4, "grad_accum": 1, "lr": 1e-2, "log_every": 1, "checkpoint_every": 0,
@@ -40,7 +40,7 @@ def test_tensorboard_event_file_holds_the_jsonl_curves(tiny, tmp_path):  # noqa:
     assert [v for _, v in scalars["val/ca_f1"]] == pytest.approx(f1, rel=1e-6)
 
 
-def test_no_tracker_by_default(tiny, tmp_path):  # noqa: F811
+def test_no_tracker_by_default(tiny, tmp_path):
     out = tmp_path / "stage1"
     params = {"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 1e-2, "log_every": 1, "checkpoint_every": 0}
     run_cli("model.train", *train_args(tiny, 1, out, params))

@@ -1,7 +1,7 @@
 """The trainer as a lab would run it: launch command from config, 2 gloo processes = 1 process, resume
 after SIGKILL, save/load keeps the generated text, bad input, the benchmark scripts' CPU modes.
 
-Reuses the tiny fixture of tests/test_model.py (tiny Llama, C = 16 feature shard, 8 train volumes).
+Uses the tiny fixture of tests/conftest.py (tiny Llama, C = 16 feature shard, 8 train volumes).
 """
 
 from __future__ import annotations
@@ -18,18 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import E2E_CONFIG, snakemake
-from test_model import (  # noqa: F401  (fixtures)
-    REPO,
-    C,
-    log_records,
-    make_dataset,
-    make_model,
-    run_cli,
-    run_process_group,
-    tiny,
-    train_args,
-)
+from helpers import E2E_CONFIG, REPO, C, log_records, make_dataset, make_model, run_cli, run_process_group, snakemake, train_args
 
 from model.data import Collator, ReportDataset, build_dataset
 from model.launch import build_launch, gpus_per_machine
@@ -57,7 +46,7 @@ EXACT = {
 
 
 @pytest.fixture(scope="module")
-def stage1(tiny, tmp_path_factory):  # noqa: F811
+def stage1(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("s1") / "stage1"
     params = {"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 1e-2, "log_every": 1, "checkpoint_every": 0}
     run_cli("model.train", *train_args(tiny, 1, out, params))
@@ -140,7 +129,7 @@ def test_train_rule_uses_the_launcher():
 # ---- distributed: 2 gloo processes == 1 process with the same global batch ---------------------
 
 
-def launch_train(tiny, out, params, processes, init):  # noqa: F811
+def launch_train(tiny, out, params, processes, init):
     """Start model.train exactly as the rule does: python -m model.launch <flags> -- <trainer args>."""
     cmd = [sys.executable, "-m", "model.launch", "--accelerate-config", str(CPU_CFG),
            "--processes", str(processes), "--",
@@ -150,7 +139,7 @@ def launch_train(tiny, out, params, processes, init):  # noqa: F811
     return log_records(out)
 
 
-def test_two_processes_match_one_process(tiny, stage1, tmp_path):  # noqa: F811
+def test_two_processes_match_one_process(tiny, stage1, tmp_path):
     """Global batch 4 per optimizer step both ways: 2 ranks x batch 2, or 1 process x batch 2 x accum 2.
 
     Tolerance: losses agree to 1e-5 (relative) and the final trainable weights to 1e-4 (absolute);
@@ -185,7 +174,7 @@ def test_two_processes_match_one_process(tiny, stage1, tmp_path):  # noqa: F811
 # ---- resume after SIGKILL -------------------------------------------------------------------------
 
 
-def test_resume_after_sigkill_matches_uninterrupted(tiny, stage1, tmp_path):  # noqa: F811
+def test_resume_after_sigkill_matches_uninterrupted(tiny, stage1, tmp_path):
     """Killed (SIGKILL, no clean-up) after its second checkpoint, restarted with --resume: same final
     weights (bit-identical, tolerance 0) and the same loss curve (exactly equal) as one uninterrupted run.
     Selection by validation clinical F1 is on and the kill comes after the first scored epoch (step 4),
@@ -226,7 +215,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny, stage1, tmp_path):  # 
     assert not list((out / "checkpoints").glob("*.tmp"))
 
 
-def test_checkpoint_of_another_experiment_is_refused(tiny, stage1, tmp_path):  # noqa: F811
+def test_checkpoint_of_another_experiment_is_refused(tiny, stage1, tmp_path):
     out = tmp_path / "run"
     params = {**EXACT, "epochs": 2, "checkpoint_every": 1, "stop_after_steps": 2}
     run_cli("model.train", *train_args(tiny, 2, out, params, "--init", stage1))
@@ -257,7 +246,7 @@ def test_checkpoint_of_another_experiment_is_refused(tiny, stage1, tmp_path):  #
 # ---- save / from_pretrained keeps the generated text ---------------------------------------------
 
 
-def test_from_pretrained_generates_the_same_text(tiny, tmp_path):  # noqa: F811
+def test_from_pretrained_generates_the_same_text(tiny, tmp_path):
     model = make_model(tiny, stage=2)
     ds = make_dataset(tiny, model)
     col = Collator(model.tokenizer.pad_token_id)
@@ -287,7 +276,7 @@ def test_from_pretrained_generates_the_same_text(tiny, tmp_path):  # noqa: F811
 # ---- bad input ------------------------------------------------------------------------------------
 
 
-def _shard_without_effusion(tiny, path):  # noqa: F811
+def _shard_without_effusion(tiny, path):
     store = FeatureStore([tiny / "shard-0.zarr"])
     ids = store.volume_ids
     arrays = {k: np.stack([store[v][k] for v in ids]) for k in store[ids[0]]}
@@ -298,7 +287,7 @@ def _shard_without_effusion(tiny, path):  # noqa: F811
     return FeatureStore([path])
 
 
-def test_cache_lacking_a_mask_names_the_volume(tiny, tmp_path):  # noqa: F811
+def test_cache_lacking_a_mask_names_the_volume(tiny, tmp_path):
     model = make_model(tiny)
     store = _shard_without_effusion(tiny, tmp_path / "shard-0.zarr")
     ds = ReportDataset(store, pd.read_parquet(tiny / "train.parquet"), pd.read_parquet(tiny / "attributes.parquet"),
@@ -316,7 +305,7 @@ def test_cache_lacking_a_mask_names_the_volume(tiny, tmp_path):  # noqa: F811
     assert "mask_pooled" not in ok[0]
 
 
-def test_long_report_truncated_at_target_end_and_counted(tiny, tmp_path):  # noqa: F811
+def test_long_report_truncated_at_target_end_and_counted(tiny, tmp_path):
     model = make_model(tiny)
     rep = pd.read_parquet(tiny / "train.parquet")
     rep.loc[2, "lung"] = " ".join(["A nodule in the right upper lobe."] * 400)
@@ -340,7 +329,7 @@ def test_long_report_truncated_at_target_end_and_counted(tiny, tmp_path):  # noq
     assert start["truncated_targets"] == 1 and start["truncated_volumes"] == ["vol002"]
 
 
-def test_empty_target_is_left_out_and_counted(tiny, tmp_path):  # noqa: F811
+def test_empty_target_is_left_out_and_counted(tiny, tmp_path):
     model1 = make_model(tiny, stage=1)
     rep = pd.read_parquet(tiny / "train.parquet")
     rep.loc[1, "findings"] = "   "
@@ -371,7 +360,7 @@ def test_empty_target_is_left_out_and_counted(tiny, tmp_path):  # noqa: F811
     assert log_records(out)[0]["empty_targets_dropped"] == 2
 
 
-def test_tokenizer_without_placeholders_added_once_resized_saved(tiny, tmp_path):  # noqa: F811
+def test_tokenizer_without_placeholders_added_once_resized_saved(tiny, tmp_path):
     from transformers import AutoTokenizer
 
     base = AutoTokenizer.from_pretrained(str(tiny / "llm"))
@@ -519,7 +508,7 @@ def test_selection_by_validation_clinical_f1_keeps_the_best_epoch(learnable, tmp
     assert f1 == chosen[0]["val_ca_f1"]
 
 
-def test_selection_without_any_named_class_keeps_the_last_weights(tiny, tmp_path):  # noqa: F811
+def test_selection_without_any_named_class_keeps_the_last_weights(tiny, tmp_path):
     """Validation references that name no class give no score: the run says so, logs it and ends on
     the last weights instead of failing or saving nothing."""
     val = pd.read_parquet(tiny / "val.parquet")
@@ -563,7 +552,7 @@ def test_gpu_train_step_script_tiny_cpu(tmp_path):
         assert v["loss_rel_diff_to_today"] <= res["tolerance_rel_loss"]
 
 
-def test_checkpoint_averaging_loads_the_mean_of_the_trainable_weights(tiny, tmp_path):  # noqa: F811
+def test_checkpoint_averaging_loads_the_mean_of_the_trainable_weights(tiny, tmp_path):
     """benchmarks/selection_curve.py's checkpoint_model: one checkpoint's weights as they are, several
     averaged element-wise, a checkpoint with other tensors refused."""
     from safetensors.torch import save_file

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from conftest import snakemake
+from helpers import snakemake
 
 from pipeline.constants import CTRATE_CLASSES, REGIONS, TOKEN_MASKS
 from pipeline.feature_store import FEATURE_ARRAYS, FeatureStore
