@@ -9,7 +9,7 @@ the process to one core (one torch / blosc thread), then reads random volumes in
 
 - packed-lz4 / packed-none / packed-zstd: the cache layout (`pipeline.feature_store`), `FeatureStore[id]`;
 - six-arrays: the first layout (six zarr arrays per volume, zarr's default compression, read through
-  zarr's API), the baseline anchors.md measured at ~130 samples/s;
+  zarr's API), the baseline: ~130 samples/s measured with this script (docs/features-and-cache.md);
 - "+ numpy fp32": the same read plus what `model.data.ReportDataset.__getitem__` does with it today
   (concatenate global + region, numpy `astype(float32)`, tensors); "+ torch fp32": the same tensors
   converted by torch instead (numpy's fp16 -> fp32 cast is not vectorised: ~0.6 ms per sample).

@@ -13,7 +13,8 @@
    and `run_shard` (read .nii.gz + masks, preprocess, encode, write Zarr) on a few such volumes with
    1 and 4 reader processes -> volumes/s: on a GPU node the readers, not the GPU, set the pace.
 
-Anchor (anchors.md, derived): ~1,800 slices/s on an RTX 4090 at 256 px. Writes DIR/gpu_features.json.
+Anchor: ~1,800 slices/s on an RTX 4090 at 256 px, derived from timm's published inference benchmark of
+the same ViT-B/14 at 518 px (an estimate, not a measurement). Writes DIR/gpu_features.json.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def main() -> None:
         "torch": torch.__version__,
         "tiny": args.tiny,
         "architecture": {"hidden_size": hidden, "layers": layers, "heads": heads, "patch": 14, "input_px": size},
-        "anchor": "~1,800 slices/s on an RTX 4090 at 256 px (anchors.md, derived from timm's 518 px figure)",
+        "anchor": "~1,800 slices/s on an RTX 4090 at 256 px (estimate derived from timm's 518 px inference benchmark)",
         "sweep": [],
         "skipped": [],
     }

@@ -1,7 +1,7 @@
-"""Issue 8's "it learns": the full model, trained by the workflow, writes the planted findings of test
-volumes it never saw. CA-F1 (macro over the planted classes with test support) >= 0.6 and >= 0.3
-above a most-common-report baseline, and >= 90 % of the test pairs with different findings get
-different reports.
+"""The demo's "it learns" claim (docs/demo-learning.md): the full model, trained by the workflow, writes
+the planted findings of test volumes it never saw. CA-F1 (macro over the planted classes with test
+support) >= 0.6 and >= 0.3 above a most-common-report baseline, and >= 90 % of the test pairs with
+different findings get different reports.
 
 The default demo (80 volumes) cannot reach this: simple learners on its own inputs reach 0.458
 (`benchmarks/demo_learning.py --ceiling`). The claim is for the 5-finding demo cohort at 300 volumes
