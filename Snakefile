@@ -4,6 +4,8 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
+from pipeline.config_check import check_unknown_keys
+
 min_version("9.0")
 
 
@@ -11,12 +13,15 @@ min_version("9.0")
 configfile: str(Path(workflow.basedir) / "config" / "config.yaml")
 
 
+# A key the schema does not know (a typo) stops here, naming it and the nearest valid key, before the
+# schema's own validation (which fills the defaults every rule reads).
+check_unknown_keys(config)
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
 # Every job imports pipeline/ and model/ from this repository, also inside the envs/ conda environments,
 # which do not install the project (Snakemake copies env files elsewhere, so no relative path can reach it).
-shell.prefix("set -euo pipefail; export PYTHONPATH=" + workflow.basedir + "${{PYTHONPATH:+:$PYTHONPATH}}; ")
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
 report: "workflow/report/workflow.rst"
