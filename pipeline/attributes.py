@@ -42,6 +42,7 @@ import argparse
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ from scipy import ndimage
 from pipeline.constants import ATTRIBUTE_STRUCTURES, CHANNELS, HEART_CHAMBERS, LESIONS, LOBES
 from pipeline.io import InputError, atomic_output, setup_logging, write_parquet
 from pipeline.regions import open_masks, read_labels, unpack_channel
+from pipeline.stage_config import parse_settings
 
 DEFAULT_MIN_LESION_MM3 = 10.0
 LOCATION_PAD = 3  # voxels of dilation before measuring overlap
@@ -381,16 +383,27 @@ def run_shard(masks_zarr: Path, out: Path, min_lesion_mm3: float = DEFAULT_MIN_L
     return table.to_pandas()
 
 
+@dataclass(frozen=True)
+class AttributesSettings:
+    """The stage's settings: the config's `attributes` section (its `threads` is the job's --threads)."""
+
+    min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--masks", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.attributes", description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--masks", type=Path, required=True, help="the shard's compact mask store (.zarr)")
+    ap.add_argument("--out", type=Path, required=True, help="the shard's attribute table (.parquet)")
     ap.add_argument("--qc", type=Path, help="per-volume QC table")
-    ap.add_argument("--min-lesion-mm3", type=float, default=DEFAULT_MIN_LESION_MM3)
-    ap.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    ap.add_argument("--params-json", default="{}",
+                    help='AttributesSettings as JSON, e.g. \'{"min_lesion_mm3": 10}\' (omitted keys: defaults)')
+    ap.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                    help="a bad volume stops the job (fail) or is recorded in the QC table (skip)")
     ap.add_argument("--threads", type=int, default=1, help="threads decoding a volume's mask chunks")
     args = ap.parse_args(argv)
-    run_shard(args.masks, args.out, args.min_lesion_mm3, args.qc, args.on_error, max(1, args.threads))
+    settings = parse_settings(AttributesSettings, args.params_json, section="attributes")
+    run_shard(args.masks, args.out, settings.min_lesion_mm3, args.qc, args.on_error, max(1, args.threads))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ the test split are left out.
 
 CLI:
   python -m pipeline.report_samples samples --predictions P --references R --scores S --experiment E \
-      --out samples.html [--n 6] [--seed 0]
+      --out samples.html [--params-json '{"n": 6, "seed": 0}']
   python -m pipeline.report_samples chart --scores a/scores.parquet b/scores.parquet --experiments a b \
-      --out ca_per_class.png [--resamples 1000] [--seed 0]
+      --out ca_per_class.png [--params-json '{"resamples": 1000, "seed": 0}']
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import html
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,9 @@ import pandas as pd
 from pipeline.constants import CTRATE_CLASSES, REGION_HEADERS, REGIONS
 from pipeline.evaluate import bootstrap
 from pipeline.evaluate.degenerate import COLUMNS as DEGENERATE_COLUMNS
+from pipeline.evaluate.run import BootstrapSettings
 from pipeline.io import atomic_output, setup_logging
+from pipeline.stage_config import parse_settings
 
 REF_LABEL, PRED_LABEL = "reference label/", "prediction label/"
 
@@ -208,6 +211,14 @@ def chart(scores_by_experiment: dict[str, pd.DataFrame], out_png: Path, n_resamp
     return data
 
 
+@dataclass(frozen=True)
+class SamplesSettings:
+    """The generated-reports page's settings: the config's `report_samples` section."""
+
+    n: int = 6
+    seed: int = 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.report_samples", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,28 +228,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     s.add_argument("--references", type=Path, required=True, help="results/reports/test.parquet")
     s.add_argument("--scores", type=Path, required=True, help="the experiment's scores.parquet")
     s.add_argument("--experiment", required=True, help="experiment name (page title)")
-    s.add_argument("--n", type=int, default=6, help="volumes shown (best, median and worst always among them)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random part of the sample")
+    s.add_argument("--params-json", default="{}",
+                   help='SamplesSettings as JSON (the `report_samples` section), e.g. \'{"n": 6, "seed": 0}\'')
     s.add_argument("--out", type=Path, required=True, help="the HTML page")
     c = sub.add_parser("chart", help="per-class CA-F1 of every experiment with bootstrap intervals")
     c.add_argument("--scores", type=Path, nargs="+", required=True, help="each experiment's scores.parquet")
     c.add_argument("--experiments", nargs="+", required=True, help="experiment names, in the order of --scores")
-    c.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    c.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    c.add_argument("--params-json", default="{}",
+                   help='BootstrapSettings as JSON (evaluate.bootstrap), e.g. \'{"resamples": 1000, "seed": 0}\'')
     c.add_argument("--out", type=Path, required=True, help="the PNG chart (a CSV of its numbers is written beside it)")
     args = ap.parse_args(argv)
     log = setup_logging()
     if args.command == "samples":
+        cfg = parse_settings(SamplesSettings, args.params_json, section="report_samples")
         page = samples_page(args.experiment, pd.read_parquet(args.predictions), pd.read_parquet(args.references),
-                            pd.read_parquet(args.scores), args.n, args.seed)
+                            pd.read_parquet(args.scores), cfg.n, cfg.seed)
         with atomic_output(args.out) as tmp:
             tmp.write_text(page, encoding="utf-8")
         log.info("%s: %s", args.experiment, args.out)
     else:
         if len(args.scores) != len(args.experiments):
             ap.error("--scores and --experiments must have the same length")
+        boot = parse_settings(BootstrapSettings, args.params_json, section="evaluate.bootstrap")
         data = chart({e: pd.read_parquet(p) for e, p in zip(args.experiments, args.scores)}, args.out,
-                     args.resamples, args.seed)
+                     boot.resamples, boot.seed)
         with atomic_output(args.out.with_suffix(".csv")) as tmp:
             data.to_csv(tmp, index=False)
         log.info("chart of %d experiments: %s", len(args.experiments), args.out)

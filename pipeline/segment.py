@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -54,6 +55,7 @@ from pipeline.regions import (
     bytes_per_voxel,
     describe_masks,
 )
+from pipeline.stage_config import parse_settings
 
 BACKENDS = ("precomputed", "sat", "totalsegmentator")
 TABLE_COLUMNS = ("volume_id", "status", "error", "backend", "mask_path", "mask_format", "vocabulary",
@@ -181,32 +183,51 @@ def prepare_sat(manifest: pd.DataFrame, shard: int, table: LabelTable, out_jsonl
     return terms
 
 
+@dataclass(frozen=True)
+class SegmentSettings:
+    """The stage's settings: the config's `segmentation` section. `sat` / `totalsegmentator` are the
+    backends' own parameters (the schema fills their defaults), passed to the backend as they are."""
+
+    backend: str = "precomputed"
+    memory_cap_gb: float = DEFAULT_MEMORY_CAP_GB
+    vocabulary: str = AUTO_VOCABULARY
+    sat: dict = field(default_factory=dict)
+    totalsegmentator: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"segmentation.backend {self.backend!r} is not one of {BACKENDS}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--manifest", type=Path, required=True)
-    ap.add_argument("--shard", type=int, required=True)
-    ap.add_argument("--backend", choices=BACKENDS, default="precomputed")
+    ap = argparse.ArgumentParser(prog="python -m pipeline.segment", description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--manifest", type=Path, required=True, help="the cohort manifest (.parquet)")
+    ap.add_argument("--shard", type=int, required=True, help="the shard whose volumes are segmented")
     ap.add_argument("--step", choices=["segment", "prepare"], default="segment",
                     help="prepare: write SAT's input jsonl (--out) and stop")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="the shard's segment table (.parquet)")
     ap.add_argument("--qc", type=Path, help="per-volume QC table")
     ap.add_argument("--masks-out", type=Path, help="where sat / totalsegmentator masks are written")
     ap.add_argument("--table", type=Path, help="label table (default config/regions.yaml); needed by --step prepare")
-    ap.add_argument("--vocabulary", default=AUTO_VOCABULARY,
-                    help="precomputed masks' names: auto (detect), radgenome or totalsegmentator")
-    ap.add_argument("--params", default="{}", help="JSON: the backend's config section (+ sat_raw)")
-    ap.add_argument("--memory-cap-gb", type=float, default=DEFAULT_MEMORY_CAP_GB)
-    ap.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    ap.add_argument("--sat-raw", type=Path, nargs="?", default=None,
+                    help="sat: the shard's raw SAT output folder (written by the sat_inference rule)")
+    ap.add_argument("--params-json", default="{}",
+                    help='SegmentSettings as JSON (the `segmentation` section), e.g. \'{"backend": "precomputed"}\'')
+    ap.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                    help="a bad volume stops the job (fail) or is recorded in the QC table (skip)")
     args = ap.parse_args(argv)
+    settings = parse_settings(SegmentSettings, args.params_json, section="segmentation")
     manifest = pd.read_parquet(args.manifest)
     if args.step == "prepare":
         if args.table is None:
             ap.error("--step prepare needs --table")
         prepare_sat(manifest, args.shard, LabelTable.load(args.table), args.out)
         return
-    run_shard(manifest, args.shard, args.backend, args.out, args.on_error, args.qc, args.masks_out,
-              json.loads(args.params), args.memory_cap_gb, LabelTable.load(args.table or DEFAULT_TABLE),
-              args.vocabulary)
+    backend_cfg = {**getattr(settings, settings.backend, {}), "sat_raw": str(args.sat_raw) if args.sat_raw else None}
+    run_shard(manifest, args.shard, settings.backend, args.out, args.on_error, args.qc, args.masks_out,
+              backend_cfg, settings.memory_cap_gb, LabelTable.load(args.table or DEFAULT_TABLE),
+              settings.vocabulary)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_the_seed_overlay_reaches_the_demo_llm_and_both_training_commands(tmp_pa
     ).stdout
     demo_llm = [line for line in out.splitlines() if "model.demo_llm" in line]
     train = [line for line in out.splitlines() if "--stage " in line and "--params-json" in line]
-    assert demo_llm and all("--seed 2" in line for line in demo_llm)
+    assert demo_llm and all('"demo_seed": 2' in line for line in demo_llm)
     assert len(train) >= 2 and all('"seed": 2' in line for line in train)
 
 
@@ -75,15 +75,15 @@ def test_demo_pretrain_steps_reach_the_demo_llm_command(tmp_path):
 
     default = demo_llm_lines(REPO / "config" / "config.yaml")
     e2e = demo_llm_lines(REPO / "config" / "config.yaml", REPO / "tests" / "data" / "e2e_config.yaml")
-    assert default and all("--pretrain-steps 300" in line for line in default)
-    assert e2e and all("--pretrain-steps 60" in line for line in e2e)
+    assert default and all('"demo_pretrain_steps": 300' in line for line in default)
+    assert e2e and all('"demo_pretrain_steps": 60' in line for line in e2e)
     # llm.demo_attribute_text: off by default (the LM reads reports only), on it passes every
     # attribute shard (model.demo_llm keeps the training volumes' blocks)
-    assert all("--attributes" not in line for line in default)
+    assert all(line.split("--attributes")[1].split(">")[0].split() == [] for line in default)
     texts = demo_llm_lines(REPO / "config" / "config.yaml", REPO / "benchmarks" / "configs" / "demo_llm_attribute_text.yaml")
     shards = [f"results/attributes/shard-{i}.parquet" for i in range(4)]  # 80 volumes, shard_size 20
     assert texts and all(line.split("--attributes ")[1].split(">")[0].split() == shards for line in texts), texts
-    # llm.demo_init_std: unset by default (the command as before), the overlay's value reaches the command
-    assert all("--init-std" not in line for line in default)
+    # llm.demo_init_std: LLaMA's 0.02 by default, the overlay's value reaches the command
+    assert all('"demo_init_std": 0.02' in line for line in default)
     init = demo_llm_lines(REPO / "config" / "config.yaml", REPO / "benchmarks" / "configs" / "demo_llm_init_0.08.yaml")
-    assert init and all("--init-std 0.08" in line for line in init)
+    assert init and all('"demo_init_std": 0.08' in line for line in init)

@@ -126,7 +126,7 @@ def test_evaluate_cli_writes_the_block(tmp_path):
     out = tmp_path / "metrics.json"
     r = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--predictions", str(tmp_path / "pred.parquet"),
                         "--references", str(tmp_path / "ref.parquet"), "--experiment", "x", "--out", str(out),
-                        "--java", "/nonexistent/java"],
+                        "--params-json", '{"java": "/nonexistent/java"}'],
                        cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(out.read_text(encoding="utf-8"))

@@ -374,27 +374,27 @@ def test_existing_output_is_replaced(tmp_path):
 
 
 def test_cli_writes_cohort(tmp_path, capsys):
-    demo.main(["--out", str(tmp_path / "c"), "--n-cases", "3", "--seed", "1", "--shape-xy", "64",
+    demo.main(["--out", str(tmp_path / "c"), "--params-json", '{"n_cases": 3, "seed": 1}', "--shape-xy", "64",
                "--n-slices", "32", "--spacing", "1.6", "1.6", "4.0", "--workers", "1"])
     assert (tmp_path / "c" / "labels.csv").is_file()
     assert "3/3 volumes" in capsys.readouterr().out
-    demo.main(["--out", str(tmp_path / "d"), "--n-cases", "3", "--seed", "1", "--shape-xy", "64",
-               "--n-slices", "32", "--spacing", "1.6", "1.6", "4.0", "--workers", "1",
-               "--findings", "Lung nodule=2", "--normal-fraction", "0"])
+    demo.main(["--out", str(tmp_path / "d"), "--shape-xy", "64", "--n-slices", "32", "--spacing", "1.6", "1.6", "4.0",
+               "--workers", "1", "--params-json",
+               '{"n_cases": 3, "seed": 1, "findings": {"Lung nodule": 2}, "normal_fraction": 0}'])
     labels = pd.read_csv(tmp_path / "d" / "labels.csv").set_index("VolumeName")
     assert labels["Lung nodule"].all() and labels.drop(columns="Lung nodule").sum().sum() == 0
     with pytest.raises(SystemExit):
-        demo.main(["--out", str(tmp_path / "e"), "--n-cases", "3", "--findings", "Lung nodule=lots"])
+        demo.main(["--out", str(tmp_path / "e"), "--params-json", '{"n_cases": 3, "findings": {"Lung nodule": "lots"}}'])
     assert "must be a number" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize(("findings", "expect"), [
-    ('["Lung nodule", "Cardiomegaly"]', "--findings 'Lung nodule' Cardiomegaly --normal-fraction 0.2"),
-    ('{"Lung nodule": 2.0}', "--findings 'Lung nodule=2.0' --normal-fraction 0.2"),
+    ('["Lung nodule", "Cardiomegaly"]', '"findings": ["Lung nodule", "Cardiomegaly"], "n_cases": 24, "normal_fraction": 0.2'),
+    ('{"Lung nodule": 2.0}', '"findings": {"Lung nodule": 2.0}, "n_cases": 24, "normal_fraction": 0.2'),
 ])
 def test_config_findings_reach_the_generator(tmp_path, findings, expect):
-    """`dataset.demo.findings` / `normal_fraction` are schema-checked and passed, shell-quoted, to the
-    demo_cohort rule's command (dry run)."""
+    """`dataset.demo.findings` / `normal_fraction` are schema-checked and passed in the demo_cohort rule's
+    `--params-json` (dry run)."""
     from helpers import E2E_CONFIG, snakemake
 
     overlay = tmp_path / "demo.yaml"
@@ -408,11 +408,10 @@ def test_config_findings_reach_the_generator(tmp_path, findings, expect):
 
 
 def test_default_config_passes_no_planting_options(tmp_path):
-    """Unset, the options stay off the command line, so an existing demo run's demo_cohort job keeps
-    its command (Snakemake reruns a job whose params changed)."""
+    """Unset, the settings reach the generator as null (its own defaults: every kind, 30 % normal)."""
     from helpers import E2E_CONFIG, snakemake
 
     proc = snakemake(tmp_path, "-n", "-p", "--forceall", "results/demo/cohort", timeout=300, configfiles=(E2E_CONFIG,))
     out = proc.stdout + proc.stderr
     assert "python -m pipeline.demo_cohort" in out
-    assert "--findings" not in out and "--normal-fraction" not in out
+    assert '"findings": null' in out and '"normal_fraction": null' in out

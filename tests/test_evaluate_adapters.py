@@ -168,7 +168,7 @@ def test_green_local_model_plumbing(tiny_llm, tmp_path):
     pp, rp = _pairs_files(tmp_path)
     out = tmp_path / "green.json"
     rc = green.main(["--predictions", str(pp), "--references", str(rp), "--model", str(tiny_llm), "--out", str(out),
-                     "--device", "cpu", "--max-new-tokens", "4", "--batch-size", "2"])
+                     "--params-json", '{"device": "cpu", "max_new_tokens": 4, "batch_size": 2}'])
     assert rc == 0
     g = json.loads(out.read_text(encoding="utf-8"))
     assert g["n_pairs"] == 2 and len(g["per_report"]) == 2 and g["per_report"][0]["volume_id"] == "train_1_a_1"
@@ -265,8 +265,8 @@ def test_judge_cli_and_missing_api_key(judge_server, tmp_path):
     pp, rp, out = tmp_path / "p.parquet", tmp_path / "r.parquet", tmp_path / "judge.json"
     pd.DataFrame({"volume_id": ids, "report": ["P1", "P3"]}).to_parquet(pp)
     pd.DataFrame({"volume_id": ids, "findings": ["gt one", "gt two"]}).to_parquet(rp)
-    rc = judge.main(["--predictions", str(pp), "--references", str(rp), "--endpoint", judge_server,
-                     "--model", "tiny-judge", "--out", str(out), "--retries", "0"])
+    rc = judge.main(["--predictions", str(pp), "--references", str(rp), "--out", str(out),
+                     "--params-json", json.dumps({"endpoint": judge_server, "model": "tiny-judge", "retries": 0})])
     assert rc == 0
     res = json.loads(out.read_text(encoding="utf-8"))
     assert res["value"] == 85.0 and res["n_missing"] == 1 and res["inputs"]["n_scored"] == 2

@@ -163,8 +163,9 @@ def test_demo_llm_init_std_sets_the_initialisation(tmp_path, capsys):
     assert abs(stds[0.02] - 0.02) < 0.002 and abs(stds[0.08] - 0.08) < 0.008
     assert 10 < scores[0.08] / scores[0.02] < 22  # (0.08 / 0.02)^2 = 16
     with pytest.raises(SystemExit):  # a non-positive std is refused before anything is read or built
-        demo_llm_main(["--reports", str(tmp_path / "absent.parquet"), "--out", str(tmp_path / "x"), "--init-std", "0"])
-    assert "--init-std must be > 0" in capsys.readouterr().err
+        demo_llm_main(["--reports", str(tmp_path / "absent.parquet"), "--out", str(tmp_path / "x"),
+                       "--params-json", '{"demo_init_std": 0}'])
+    assert "llm.demo_init_std must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -672,10 +673,8 @@ def test_generate_cli_writes_predictions(tiny, trained, tmp_path):
         tiny / "val.parquet",
         "--out",
         out,
-        "--max-new-tokens",
-        40,
-        "--batch-size",
-        3,
+        "--params-json",
+        '{"max_new_tokens": 40, "batch_size": 3}',
     )
     df = pd.read_parquet(out)
     assert list(df.columns) == ["volume_id", *REGIONS, "report", "raw",

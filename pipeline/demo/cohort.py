@@ -73,6 +73,7 @@ from pipeline.demo.phantom import (
     smooth_field,
 )
 from pipeline.demo.report_text import compose_report
+from pipeline.stage_config import SettingsError, parse_settings
 
 REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
 LESION_MASKS = ("lung nodule", "lung effusion", "kidney cyst", "left kidney cyst", "right kidney cyst")
@@ -422,38 +423,56 @@ def generate_demo_cohort(out_dir: Path, n_cases: int = 80, seed: int = 0, shape_
               flush=True)
 
 
+@dataclass(frozen=True)
+class DemoCohortSettings:
+    """The generator's settings: the config's `dataset.demo` section.
+
+    `findings`: finding kinds to plant, a list or kind -> weight (None: all, at their own weights);
+    `normal_fraction`: share of cases with no finding (None: the generator's own, 0.3).
+    """
+
+    n_cases: int = 80
+    seed: int = 0
+    findings: list[str] | dict[str, float] | None = None
+    normal_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.findings, dict):
+            for kind, weight in self.findings.items():
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                    raise SettingsError(f"dataset.demo.findings: the weight of {kind!r} must be a number, "
+                                        f"got {weight!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.demo_cohort", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
-    ap.add_argument("--n-cases", type=int, default=80)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shape-xy", type=int, default=112)
-    ap.add_argument("--n-slices", type=int, default=48)
-    ap.add_argument("--spacing", type=float, nargs=3, default=(0.9, 0.9, 2.75), metavar=("X", "Y", "Z"))
+    ap.add_argument("--params-json", default="{}",
+                    help='DemoCohortSettings as JSON (the `dataset.demo` section), e.g. \'{"n_cases": 80, "seed": 0, '
+                         '"findings": {"Lung nodule": 2}}\'; finding kinds: ' + ", ".join(fnd.FINDING_WEIGHTS))
+    ap.add_argument("--shape-xy", type=int, default=112, help="in-plane size of every volume (voxels)")
+    ap.add_argument("--n-slices", type=int, default=48, help="slices per volume")
+    ap.add_argument("--spacing", type=float, nargs=3, default=(0.9, 0.9, 2.75), metavar=("X", "Y", "Z"),
+                    help="voxel spacing in mm")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cpus))")
-    ap.add_argument("--findings", nargs="+", default=None, metavar="KIND[=WEIGHT]",
-                    help=f"finding kinds to plant (default: all): {', '.join(fnd.FINDING_WEIGHTS)}")
-    ap.add_argument("--normal-fraction", type=float, default=fnd.NORMAL_FRACTION,
-                    help="share of cases with no finding")
     ap.add_argument("--radgenome-scale", action="store_true",
                     help="instead: one RadGenome-size volume (360 x 300 x 110 at 1 x 1 x 3 mm) with all 210 "
                          "structure files (pipeline.demo.radgenome_scale)")
     args = ap.parse_args(argv)
+    try:
+        settings = parse_settings(DemoCohortSettings, args.params_json, section="dataset.demo")
+    except SettingsError as exc:
+        ap.error(str(exc))
     if args.radgenome_scale:
         from pipeline.demo.radgenome_scale import write_radgenome_scale_case
 
-        write_radgenome_scale_case(args.out, args.seed)
+        write_radgenome_scale_case(args.out, settings.seed)
         print(f"[demo_cohort] wrote the RadGenome-scale case to {args.out}", flush=True)
         return
-    findings = None
-    if args.findings is not None:
-        findings = {}
-        for item in args.findings:
-            kind, _, weight = item.partition("=")
-            try:
-                findings[kind] = float(weight) if weight else None  # None: the kind's own weight
-            except ValueError:
-                ap.error(f"--findings {item!r}: the weight after '=' must be a number")
-    generate_demo_cohort(args.out, args.n_cases, args.seed, args.shape_xy, args.n_slices, tuple(args.spacing),
-                         workers=args.workers, verbose=True, findings=findings,
-                         normal_fraction=args.normal_fraction)
+    normal_fraction = fnd.NORMAL_FRACTION if settings.normal_fraction is None else float(settings.normal_fraction)
+    findings = settings.findings
+    if isinstance(findings, dict):
+        findings = {kind: float(weight) for kind, weight in findings.items()}
+    generate_demo_cohort(args.out, settings.n_cases, settings.seed, args.shape_xy, args.n_slices, tuple(args.spacing),
+                         workers=args.workers, verbose=True, findings=findings, normal_fraction=normal_fraction)

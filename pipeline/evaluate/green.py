@@ -17,7 +17,8 @@ chat turn uses GREEN's ``{"from": "human", "value": ...}`` message form when the
 reads those keys, else ``{"role": "user", "content": ...}``, else the bare prompt. Decoding is greedy
 (GREEN requires ``do_sample=False``); only the newly generated tokens are parsed.
 
-    python -m pipeline.evaluate.green --predictions P --references R --model DIR --out green.json
+    python -m pipeline.evaluate.green --predictions P --references R --model DIR --out green.json \\
+        [--params-json '{"device": "auto", "batch_size": 4}']
 
 The PyPI package pins Python 3.12.1 / torch 2.2 / transformers 4.40, so it is not imported: this module
 needs only transformers and a local model folder (nothing is downloaded).
@@ -30,9 +31,12 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.stage_config import SettingsError, parse_settings
 
 SIGNIFICANT = "Clinically Significant Errors"
 INSIGNIFICANT = "Clinically Insignificant Errors"
@@ -271,28 +275,42 @@ def score(references: Sequence[str], candidates: Sequence[str], volume_ids: Sequ
     return summarise(volume_ids, model.answer(prompts), model.name)
 
 
+@dataclass(frozen=True)
+class GreenSettings:
+    """The GREEN job's settings: the config's `evaluate.green` (its `model` folder is --model, `gpus` the
+    job's resource)."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 4
+    max_new_tokens: int = 1024
+    max_length: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise SettingsError(f"evaluate.green.dtype {self.dtype!r}: auto, float32, bfloat16 or float16")
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.evaluate.inputs import load_pairs
     from pipeline.evaluate.run import write_json_atomic
 
     ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate.green", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--predictions", required=True, type=Path)
-    ap.add_argument("--references", required=True, type=Path)
+    ap.add_argument("--predictions", required=True, type=Path, help="generated reports (.parquet, .csv or .jsonl)")
+    ap.add_argument("--references", required=True, type=Path, help="reference reports")
     ap.add_argument("--model", required=True, type=Path, help="local GREEN model folder")
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=1024)
-    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--out", required=True, type=Path, help="green.json to write")
+    ap.add_argument("--params-json", default="{}",
+                    help='GreenSettings as JSON (evaluate.green), e.g. \'{"device": "cpu", "batch_size": 4}\'')
     args = ap.parse_args(argv)
     t0 = time.time()
     try:
+        cfg = parse_settings(GreenSettings, args.params_json, section="evaluate.green")
         pairs = load_pairs(args.predictions, args.references)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = GreenModel(args.model, args.device, args.batch_size, args.max_new_tokens, args.max_length, args.dtype)
+    model = GreenModel(args.model, cfg.device, cfg.batch_size, cfg.max_new_tokens, cfg.max_length, cfg.dtype)
     result = score(pairs.references, pairs.predictions, pairs.volume_ids, model)
     result["inputs"] = pairs.report
     result["elapsed_s"] = round(time.time() - t0, 2)

@@ -12,7 +12,8 @@ and answers without a score are **missing** (None), never 0. Requests that still
 missing too. The experiment's judge score is the mean over reports with a score (``averaging:
 report-mean``), reported with the numbers of scored, missing and failed pairs.
 
-    python -m pipeline.evaluate.judge --predictions P --references R --endpoint URL --model NAME --out judge.json
+    python -m pipeline.evaluate.judge --predictions P --references R --out judge.json \\
+        --params-json '{"endpoint": "http://127.0.0.1:8000/v1", "model": "NAME"}'
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.stage_config import SettingsError, parse_settings
 
 SYSTEM_PROMPT = "You are an AI assistant, please evaluate based on the following."
 USER_PROMPT = (
@@ -160,30 +164,44 @@ def score(
     }
 
 
+@dataclass(frozen=True)
+class JudgeSettings:
+    """The judge job's settings: the config's `evaluate.judge`. The API key is read from the environment
+    variable `api_key_env` names, never from the settings."""
+
+    endpoint: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    max_workers: int = 4
+    timeout_s: float = 120
+    retries: int = 3
+    max_tokens: int = 256
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.evaluate.inputs import load_pairs
     from pipeline.evaluate.run import write_json_atomic
 
     ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate.judge", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--predictions", required=True, type=Path)
-    ap.add_argument("--references", required=True, type=Path)
-    ap.add_argument("--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
-    ap.add_argument("--max-workers", type=int, default=4)
-    ap.add_argument("--timeout", type=float, default=120.0)
-    ap.add_argument("--retries", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--predictions", required=True, type=Path, help="generated reports (.parquet, .csv or .jsonl)")
+    ap.add_argument("--references", required=True, type=Path, help="reference reports")
+    ap.add_argument("--out", required=True, type=Path, help="judge.json to write")
+    ap.add_argument("--params-json", required=True,
+                    help="JudgeSettings as JSON (evaluate.judge): endpoint (OpenAI-compatible base URL, e.g. "
+                         "http://127.0.0.1:8000/v1) and model are needed; api_key_env, max_workers, timeout_s, "
+                         "retries, max_tokens optional")
     args = ap.parse_args(argv)
     t0 = time.time()
     try:
+        cfg = parse_settings(JudgeSettings, args.params_json, section="evaluate.judge")
+        if not cfg.endpoint or not cfg.model:
+            raise SettingsError("evaluate.judge: endpoint and model must both be set")
         pairs = load_pairs(args.predictions, args.references)
-        client = JudgeClient(args.endpoint, args.model, args.api_key_env, args.timeout, args.retries, args.max_tokens)
+        client = JudgeClient(cfg.endpoint, cfg.model, cfg.api_key_env, float(cfg.timeout_s), cfg.retries, cfg.max_tokens)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = score(pairs.references, pairs.predictions, pairs.volume_ids, client, args.max_workers)
+    result = score(pairs.references, pairs.predictions, pairs.volume_ids, client, cfg.max_workers)
     result["inputs"] = pairs.report
     result["elapsed_s"] = round(time.time() - t0, 2)
     write_json_atomic(result, args.out)

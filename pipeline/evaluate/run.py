@@ -1,9 +1,9 @@
 """Evaluate one experiment's generated reports: NLG per report and per region, CA-F1, GREEN, LLM judge.
 
     python -m pipeline.evaluate --predictions P.parquet --references R.parquet --experiment NAME \
-        --out metrics.json [--labeler rules|radbert --labeler-weights W --labeler-model-dir D] \
-        [--green green.json] [--judge judge.json] [--java JAVA] [--wordnet DIR] [--scores-out scores.parquet] \
-        [--bootstrap-resamples 1000] [--seed 0]
+        --out metrics.json [--params-json '{"labeler": {"backend": "rules"}, "java": null, "wordnet": null,
+        "bootstrap": {"resamples": 1000, "seed": 0}}'] [--green green.json] [--judge judge.json] \
+        [--scores-out scores.parquet]
     python -m pipeline.evaluate score --predictions X.csv --references Y.csv ...   (pipeline.evaluate.score)
 
 Inputs and their tolerances: :mod:`pipeline.evaluate.inputs` (predictions without a reference are reported,
@@ -46,6 +46,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,7 @@ from pipeline.evaluate.nlg import (
     open_wordnet,
 )
 from pipeline.io import write_parquet
+from pipeline.stage_config import SettingsError, parse_settings
 
 CA_F1_IMPLEMENTATION = (
     "pipeline.evaluate.clinical per-class P/R/F1 on 18 CT-RATE classes; macro over classes with support, "
@@ -414,6 +417,53 @@ def wordnet_from_args(args: argparse.Namespace):
     return wn
 
 
+@dataclass(frozen=True)
+class BootstrapSettings:
+    """The config's `evaluate.bootstrap`: resamples and seed of the 95 % CIs and the paired tests."""
+
+    resamples: int = bootstrap.DEFAULT_RESAMPLES
+    seed: int = bootstrap.DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        if self.resamples < 1:
+            raise SettingsError(f"evaluate.bootstrap.resamples must be >= 1, got {self.resamples}")
+
+
+@dataclass(frozen=True)
+class LabelerSettings:
+    """The config's `evaluate.labeler`: the CT-RATE labeler behind CA-F1 (radbert: local weights and folder)."""
+
+    backend: str = "rules"
+    weights: str | None = None
+    model_dir: str | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise SettingsError(f"evaluate.labeler.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """The evaluate stage's settings: the config's `evaluate` section less GREEN / the judge (their own
+    jobs, whose JSON comes in as --green / --judge files) and the ablation table's `baseline`.
+
+    `java`: Java for the METEOR jar (None: $MEDREGION_JAVA or java on PATH); `wordnet`: WordNet 3.0 folder
+    for the Hugging Face-style METEOR (None: Debian's wordnet-base folder, 'not run' when absent).
+    """
+
+    java: str | None = None
+    wordnet: str | None = None
+    labeler: LabelerSettings = field(default_factory=LabelerSettings)
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("labeler", LabelerSettings), ("bootstrap", BootstrapSettings)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, parse_settings(cls, value, section=f"evaluate.{name}"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["score"]:
@@ -423,33 +473,35 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0],
                                  epilog="python -m pipeline.evaluate score --help: score any CSV/Parquet of pairs")
     ap.add_argument("--predictions", required=True, type=Path, help=".parquet, .csv or .jsonl")
-    ap.add_argument("--references", required=True, type=Path)
-    ap.add_argument("--experiment", required=True)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--labeler", default="rules", choices=BACKENDS)
-    ap.add_argument("--labeler-weights", default=None, help="radbert: classifier weights (.safetensors/.pt)")
-    ap.add_argument("--labeler-model-dir", default=None, help="radbert: folder with config + tokenizer")
-    ap.add_argument("--labeler-device", default="cpu")
-    ap.add_argument("--green", type=Path, default=None, help="green.json from python -m pipeline.evaluate.green")
-    ap.add_argument("--judge", type=Path, default=None, help="judge.json from python -m pipeline.evaluate.judge")
+    ap.add_argument("--references", required=True, type=Path, help="reference reports (.parquet or .csv)")
+    ap.add_argument("--experiment", required=True, help="experiment name recorded in metrics.json")
+    ap.add_argument("--out", required=True, type=Path, help="metrics.json to write")
+    ap.add_argument("--params-json", default="{}",
+                    help="EvaluateSettings as JSON (the `evaluate` section's java, wordnet, labeler, bootstrap), "
+                         'e.g. \'{"java": "/usr/bin/java", "bootstrap": {"resamples": 1000, "seed": 0}}\'')
+    ap.add_argument("--green", type=Path, nargs="?", default=None,
+                    help="green.json from python -m pipeline.evaluate.green (absent or empty: GREEN not run)")
+    ap.add_argument("--judge", type=Path, nargs="?", default=None,
+                    help="judge.json from python -m pipeline.evaluate.judge (absent or empty: judge not run)")
     ap.add_argument("--scores-out", type=Path, default=None, help="scores.parquet: one row per volume")
-    add_scoring_options(ap)
     ap.add_argument("--skipped-qc", nargs="*", default=[], type=Path,
                     help="QC tables of the data stages: their skipped volumes are counted in metrics.json")
     args = ap.parse_args(argv)
     t0 = time.time()
     try:
+        settings = parse_settings(EvaluateSettings, args.params_json, section="evaluate")
+        lab, boot = settings.labeler, settings.bootstrap
         pairs = load_pairs(args.predictions, args.references)
-        labeler = load_labeler(args.labeler, args.labeler_weights, args.labeler_model_dir, args.labeler_device)
-        wordnet = wordnet_from_args(args)
+        labeler = load_labeler(lab.backend, lab.weights, lab.model_dir, lab.device)
+        wordnet = wordnet_from_args(argparse.Namespace(wordnet=None if settings.wordnet is None else Path(settings.wordnet),
+                                                       bootstrap_resamples=boot.resamples))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    green = load_adapter_result(args.green, "GREEN", "green", args.bootstrap_resamples, args.seed)
-    judge = load_adapter_result(args.judge, "LLM judge", "judge", args.bootstrap_resamples, args.seed)
-    metrics, scores = score_experiment(pairs, None, args.experiment, labeler=labeler, java=args.java, green=green,
-                                       judge=judge, wordnet=wordnet, n_resamples=args.bootstrap_resamples,
-                                       seed=args.seed)
+    green = load_adapter_result(args.green, "GREEN", "green", boot.resamples, boot.seed)
+    judge = load_adapter_result(args.judge, "LLM judge", "judge", boot.resamples, boot.seed)
+    metrics, scores = score_experiment(pairs, None, args.experiment, labeler=labeler, java=settings.java, green=green,
+                                       judge=judge, wordnet=wordnet, n_resamples=boot.resamples, seed=boot.seed)
     metrics.update(outcome_blocks(args.predictions, args.references, args.skipped_qc))
     timings = metrics.pop("timings_s", {})  # run-time measurements: the log, not the results file
     if args.scores_out:

@@ -5,7 +5,7 @@
         --out results/features/rad-dino-r2/shard-0.zarr [--raw-out results/features/rad-dino-raw/shard-0.zarr]
     python -m pipeline.features pool --raw results/features/rad-dino-raw/shard-0.zarr \\
         --params-json '{"pooling": "lita", ...}' --out results/features/rad-dino-lita/shard-0.zarr
-    python -m pipeline.features demo-encoder --out DIR [--hidden-size 768 --layers 12 --heads 12]
+    python -m pipeline.features demo-encoder --out DIR [--params-json '{"demo_hidden_size": 768, "demo_layers": 12}' --heads 12]
 
 Volumes are streamed: reader processes (`workers`, a DataLoader) read the CT and masks of the next
 `prefetch` volumes and preprocess them while the encoder runs on the current one (and while its
@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +45,7 @@ from pipeline.features.pooling import pool_tokens
 from pipeline.features.preprocess import PreparedVolume, prepare_volume
 from pipeline.io import InputError, image_array, read_image, setup_logging, write_parquet
 from pipeline.orientation import CANONICAL, reorientation
+from pipeline.stage_config import parse_settings
 
 CODE_VERSION = "features-2"
 # How a CT reaches the encoder, recorded in every cache's attributes (docs/data-and-segmentation.md)
@@ -319,42 +321,57 @@ def pool_shard(raw_path: Path, cfg: FeatureConfig, out: Path) -> list[str]:
     return list(raw.volume_ids)
 
 
+@dataclass(frozen=True)
+class DemoEncoderSettings:
+    """The demo encoder's settings: `features.encoder`'s demo_* keys and `features.channel_windows`."""
+
+    demo_hidden_size: int = 64
+    demo_layers: int = 4
+    demo_channel_means: bool = False
+    channel_windows: list[list[float]] | None = None
+
+    @property
+    def channels(self) -> int:
+        """Input channels: one per HU window (three grey copies without channel windows)."""
+        return 3 if self.channel_windows is None else len(self.channel_windows)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.features", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="encode one shard")
-    enc.add_argument("--manifest", type=Path, required=True)
-    enc.add_argument("--shard", type=int, required=True)
-    enc.add_argument("--masks", type=Path, required=True)
+    enc.add_argument("--manifest", type=Path, required=True, help="the cohort manifest (.parquet)")
+    enc.add_argument("--shard", type=int, required=True, help="the shard to encode")
+    enc.add_argument("--masks", type=Path, required=True, help="the shard's compact mask store (.zarr)")
     enc.add_argument("--encoder", required=True, help="local folder, or hub id in the local cache")
-    enc.add_argument("--revision")
+    enc.add_argument("--revision", help="commit of a hub id in the local cache")
     enc.add_argument("--expect-json", default="{}", help="expected encoder architecture (config.json fields)")
     enc.add_argument("--allow-download", action="store_true", help="let from_pretrained download (off: offline)")
     enc.add_argument("--params-json", required=True, help="FeatureConfig fields as JSON")
     enc.add_argument("--out", type=Path, help="pooled feature shard (.zarr)")
     enc.add_argument("--raw-out", type=Path, help="raw-token cache shard (.zarr)")
-    enc.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    enc.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                     help="a bad volume stops the job (fail) or is recorded in the QC table (skip)")
     enc.add_argument("--qc", type=Path, help="per-volume QC table (.parquet)")
-    enc.add_argument("--threads", type=int, default=1)
+    enc.add_argument("--threads", type=int, default=1, help="torch threads of the job")
     pool = sub.add_parser("pool", help="re-pool a raw-token shard")
-    pool.add_argument("--raw", type=Path, required=True)
-    pool.add_argument("--params-json", required=True)
-    pool.add_argument("--out", type=Path, required=True)
-    pool.add_argument("--threads", type=int, default=1)
+    pool.add_argument("--raw", type=Path, required=True, help="the raw-token cache shard (.zarr)")
+    pool.add_argument("--params-json", required=True, help="FeatureConfig fields as JSON")
+    pool.add_argument("--out", type=Path, required=True, help="pooled feature shard (.zarr)")
+    pool.add_argument("--threads", type=int, default=1, help="torch threads of the job")
     demo = sub.add_parser("demo-encoder", help="write a random-initialised Dinov2 folder (RAD-DINO architecture)")
-    demo.add_argument("--out", type=Path, required=True)
-    demo.add_argument("--hidden-size", type=int, default=64)
-    demo.add_argument("--layers", type=int, default=4)
-    demo.add_argument("--heads", type=int, default=4)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--channels", type=int, default=3, help="input channels (one per features.channel_windows)")
-    demo.add_argument("--channel-means", action="store_true",
-                      help="token dims 0..channels-1 = patch means of the channels (see set_channel_means)")
+    demo.add_argument("--out", type=Path, required=True, help="the encoder folder to write")
+    demo.add_argument("--params-json", default="{}",
+                      help="DemoEncoderSettings as JSON: features.encoder's demo_hidden_size, demo_layers, "
+                           "demo_channel_means and features.channel_windows (one input channel per window)")
+    demo.add_argument("--heads", type=int, default=4, help="attention heads")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     args = ap.parse_args(argv)
     if args.command == "demo-encoder":
-        build_demo_encoder(args.out, args.hidden_size, args.layers, args.heads, args.seed, args.channels,
-                           args.channel_means)
+        demo_cfg = parse_settings(DemoEncoderSettings, args.params_json, section="features.encoder")
+        build_demo_encoder(args.out, demo_cfg.demo_hidden_size, demo_cfg.demo_layers, args.heads, args.seed,
+                           demo_cfg.channels, demo_cfg.demo_channel_means)
         return
     cfg = FeatureConfig.from_params(json.loads(args.params_json))
     if args.command == "pool":

@@ -7,7 +7,7 @@ rule attributes:
         table=f"{RES}/attributes/shard-{{shard}}.parquet",
         qc=f"{RES}/qc/attributes/shard-{{shard}}.parquet",
     params:
-        min_lesion_mm3=config["attributes"]["min_lesion_mm3"],
+        cfg=as_json(without(config["attributes"], "threads")),  # threads: the job's --threads
         on_error=config["on_error"],
     log:
         f"{RES}/logs/attributes/shard-{{shard}}.log",
@@ -18,4 +18,4 @@ rule attributes:
         "../../envs/pipeline.yaml"
     shell:
         "python -m pipeline.attributes --masks {input.masks} --out {output.table} --qc {output.qc}"
-        " --min-lesion-mm3 {params.min_lesion_mm3} --on-error {params.on_error} --threads {threads} > {log} 2>&1"
+        " --params-json {params.cfg} --on-error {params.on_error} --threads {threads} > {log} 2>&1"

@@ -36,8 +36,8 @@ else:
             volumes=dataset()["volumes_dir"],
             masks=dataset()["masks_dir"],
             reports=dataset()["reports_csv"],
-            splits=f"--splits-csv {dataset()['splits_csv']}" if dataset().get("splits_csv") else "",
-            validation=dataset().get("validation_fraction", 0.15),
+            splits=f"--splits-csv {dataset()['splits_csv']}" if dataset()["splits_csv"] else "",
+            validation=dataset()["validation_fraction"],
             shard_size=config["shard_size"],
             n_volumes=N_VOLUMES,
         log:

@@ -1,12 +1,15 @@
-# Shared helpers: paths, shard lists and parameter serialisation. Input functions live here only.
+# Shared helpers: paths, shard lists and parameter serialisation. Functions live here only, so the rule
+# files hold rules (snakemake --lint). Every setting comes from the schema-validated config, whose
+# defaults the schema fills: no default is restated here.
 import functools
 import json
+import re
 import shlex
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config_check import check_placeholders, resolve_demo_model_paths
+from pipeline.config_check import check_placeholders, resolve_demo_model_paths, without
 
 REPO = Path(workflow.basedir)
 RES = config["results"]
@@ -39,7 +42,7 @@ def dataset():
             "region_report_csv": [f"{root}/region_report.csv"],
             "labels_csv": [f"{root}/labels.csv"],
             "splits_csv": f"{root}/splits.csv",
-            "validation_fraction": 0.15,
+            "validation_fraction": ds["validation_fraction"],
         }
     if ds["adapter"] == "manifest":
         # the cohort rule writes the table's region texts and labels in RadGenome's / CT-RATE's shapes
@@ -63,7 +66,7 @@ def dataset_inputs():
         return [ds["root"]]
     if ds["adapter"] == "manifest":
         return [ds["manifest"]]
-    return list(ds["reports_csv"]) + ([ds["splits_csv"]] if ds.get("splits_csv") else [])
+    return list(ds["reports_csv"]) + ([ds["splits_csv"]] if ds["splits_csv"] else [])
 
 
 def n_volumes():
@@ -74,25 +77,19 @@ def n_volumes():
     """
     ds = config["dataset"]
     if ds["adapter"] == "demo":
-        return int(ds.get("demo", {}).get("n_cases", 80))
+        return int(ds["demo"]["n_cases"])
     if ds["adapter"] == "manifest":
         return len(own_volumes())
     return sum(len(pd.read_csv(p, usecols=["VolumeName"])) for p in ds["reports_csv"])
 
 
-def demo_findings_args(demo):
-    """The demo generator's `--findings` / `--normal-fraction` options from `dataset.demo`, shell-quoted."""
-    args = []
-    if demo.get("findings") is not None:
-        items = demo["findings"].items() if isinstance(demo["findings"], dict) else [(k, None) for k in demo["findings"]]
-        args += ["--findings"] + [shlex.quote(k if w is None else f"{k}={w}") for k, w in items]
-    if demo.get("normal_fraction") is not None:
-        args += ["--normal-fraction", str(float(demo["normal_fraction"]))]
-    return " ".join(args)
-
-
 N_VOLUMES = n_volumes()
 SHARDS = list(range(max(1, -(-N_VOLUMES // config["shard_size"]))))
+DICOM_SHARDS = []  # own data: the shards holding DICOM rows, converted by dicom_import.smk
+if config["dataset"]["adapter"] == "manifest":
+    from pipeline.own_data import dicom_shards
+
+    DICOM_SHARDS = dicom_shards(own_volumes(), config["shard_size"])
 
 
 def shards(wildcards=None):
@@ -126,7 +123,7 @@ def skip_qc_tables(wildcards):
     volumes skipped under `on_error: skip` are left out of training, generation and scoring."""
     f = config["features"]
     encoded = "raw" if f["raw_cache"] else experiment(wildcards.exp)["pooling"]
-    tables = [f"{RES}/qc/dicom/shard-{s}.parquet" for s in globals().get("DICOM_SHARDS", [])]  # own data's DICOM
+    tables = [f"{RES}/qc/dicom/shard-{s}.parquet" for s in DICOM_SHARDS]  # own data's DICOM
     tables += [f"{RES}/qc/{stage}/shard-{s}.parquet" for stage in ("segment", "regions", "attributes") for s in shards()]
     return tables + [f"{RES}/qc/features/{f['tag']}-{encoded}/shard-{s}.parquet" for s in shards()]
 
@@ -139,3 +136,51 @@ def all_outputs(wildcards):
         + [f"{RES}/experiments/{e}/samples.html" for e in exps] + [f"{RES}/tables/ca_per_class_chart.png"]
         + [f"{RES}/qc/regions/shard-{s}.parquet" for s in shards()]
     )
+
+
+# ---- features (features.smk) -------------------------------------------------------------------------
+# settings that change the encoding (a change re-encodes); pooling settings only re-pool
+ENCODE_KEYS = ("input_size", "hu_window", "channel_windows", "layers", "batch_size", "mask_grid", "mask_threshold",
+               "prefetch", "workers", "compressor", "device")
+# what `pool` checks against the raw-token cache it reads, and how it writes
+POOL_CHECKED = ("input_size", "hu_window", "channel_windows", "layers", "mask_grid", "mask_threshold", "compressor")
+
+
+def encode_settings():
+    return {k: config["features"][k] for k in ENCODE_KEYS}
+
+
+def pool_settings(pooling):
+    # r2 takes one slice per region; `slices` (s) applies to the lita mode
+    f = config["features"]
+    return {"pooling": pooling, "slices": f["slices"] if pooling == "lita" else None, "region_grid": f["region_grid"]}
+
+
+def features_params(wildcards):
+    """`--params-json` of the features jobs (no raw cache): encoding and pooling settings."""
+    return as_json({**encode_settings(), **pool_settings(wildcards.pooling)})
+
+
+def pool_params(wildcards):
+    """`--params-json` of the pool rule: the settings checked against the raw cache, and the pooling."""
+    return as_json({**{k: config["features"][k] for k in POOL_CHECKED}, **pool_settings(wildcards.pooling)})
+
+
+def encoder_args():
+    enc = config["features"]["encoder"]
+    expect = enc["expect"] or (
+        {"hidden_size": enc["demo_hidden_size"], "num_hidden_layers": enc["demo_layers"], "patch_size": 14}
+        if enc["build_demo"] else {}
+    )
+    args = f"--encoder {shlex.quote(enc['path'])} --expect-json {as_json(expect)}"
+    if enc["revision"]:
+        args = f"{args} --revision {shlex.quote(enc['revision'])}"
+    return f"{args} --allow-download" if enc["allow_download"] else args
+
+
+def encoder_input():
+    # a folder (or the demo encoder's output) is an input; a hub id that is no folder here is looked
+    # up in the local Hugging Face cache by the job, which says how to get the weights if absent
+    enc = config["features"]["encoder"]
+    hub_id = re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", enc["path"]) and not Path(enc["path"]).exists()
+    return [] if (hub_id and not enc["build_demo"]) else [enc["path"]]

@@ -1,11 +1,7 @@
 # Own data: the DICOM series folders of the table (dataset.adapter: manifest) become NIfTI volumes,
 # one job per shard holding DICOM rows (pipeline/own_data.py, pipeline/dicom.py): slices ordered by
 # position, rescale applied, geometry kept, no DICOM tag copied.
-DICOM_SHARDS = []
 if config["dataset"]["adapter"] == "manifest":
-    from pipeline.own_data import dicom_shards as _dicom_shards
-
-    DICOM_SHARDS = _dicom_shards(own_volumes(), config["shard_size"])
 
     rule dicom_import:
         wildcard_constraints:
@@ -13,7 +9,7 @@ if config["dataset"]["adapter"] == "manifest":
         input:
             table=dataset()["manifest"],
         output:
-            directory(f"{RES}/dicom/shard-{{shard}}"),
+            volumes=directory(f"{RES}/dicom/shard-{{shard}}"),
             qc=f"{RES}/qc/dicom/shard-{{shard}}.parquet",
         params:
             shard_size=config["shard_size"],
@@ -26,5 +22,5 @@ if config["dataset"]["adapter"] == "manifest":
             "../../envs/pipeline.yaml"
         shell:
             "python -m pipeline.own_data dicom --table {input.table} --shard {wildcards.shard}"
-            " --shard-size {params.shard_size} --out {output[0]} --qc {output.qc}"
+            " --shard-size {params.shard_size} --out {output.volumes} --qc {output.qc}"
             " --on-error {params.on_error} > {log} 2>&1"

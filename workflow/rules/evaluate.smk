@@ -1,60 +1,27 @@
 # Evaluation: metrics.json per experiment (NLG, CA-F1, optional GREEN and LLM judge), then the Table-1
 # ablation table and the per-class CA table. Settings: the `evaluate:` section of the config (schema).
-EVAL = config.get("evaluate") or {}
+from pipeline.config_check import section as config_section
+from pipeline.config_check import without
+
+EVAL = config_section(config, "evaluate")  # defaults filled (as validate does, also when included alone)
+GREEN = EVAL["green"]
+JUDGE = EVAL["judge"]
+RUN_GREEN = GREEN["model"] is not None  # model null: GREEN shown as not run
+RUN_JUDGE = JUDGE["endpoint"] is not None and JUDGE["model"] is not None  # either null: judge not run
+LABELER = EVAL["labeler"]
+EVALUATE_SETTINGS = {
+    "java": EVAL["java"],
+    "wordnet": None if EVAL["wordnet"] is None else repo_file(EVAL["wordnet"]),
+    "labeler": {
+        **LABELER,
+        "weights": None if LABELER["weights"] is None else repo_file(LABELER["weights"]),
+        "model_dir": None if LABELER["model_dir"] is None else repo_file(LABELER["model_dir"]),
+    },
+    "bootstrap": EVAL["bootstrap"],
+}
 
 
-def green_config():
-    """The GREEN settings when a local model folder is configured, else None (GREEN shown as not run)."""
-    g = EVAL.get("green") or {}
-    return g if g.get("model") else None
-
-
-def judge_config():
-    """The LLM-judge settings when an endpoint and a model are configured, else None (shown as not run)."""
-    j = EVAL.get("judge") or {}
-    return j if j.get("endpoint") and j.get("model") else None
-
-
-def evaluate_inputs(wildcards):
-    files = {
-        "predictions": f"{RES}/experiments/{wildcards.exp}/predictions.parquet",
-        "references": f"{RES}/reports/test.parquet",
-        "qc": skip_qc_tables(wildcards),  # the skipped volumes, counted in metrics.json
-    }
-    if green_config():
-        files["green"] = f"{RES}/experiments/{wildcards.exp}/green.json"
-    if judge_config():
-        files["judge"] = f"{RES}/experiments/{wildcards.exp}/judge.json"
-    return files
-
-
-def bootstrap_flags():
-    """Resamples and seed of the bootstrap CIs and paired tests (config evaluate.bootstrap)."""
-    b = EVAL.get("bootstrap") or {}
-    return ["--bootstrap-resamples", str(b.get("resamples", 1000)), "--seed", str(b.get("seed", 0))]
-
-
-def evaluate_flags(wildcards, input):
-    lab = EVAL.get("labeler") or {}
-    flags = ["--labeler", lab.get("backend", "rules"), "--labeler-device", lab.get("device", "cpu")]
-    if lab.get("weights"):
-        flags += ["--labeler-weights", repo_file(lab["weights"])]
-    if lab.get("model_dir"):
-        flags += ["--labeler-model-dir", repo_file(lab["model_dir"])]
-    if EVAL.get("java"):
-        flags += ["--java", EVAL["java"]]
-    if EVAL.get("wordnet"):  # null: Debian's wordnet-base folder ('METEOR evaluate' not run without it)
-        flags += ["--wordnet", repo_file(EVAL["wordnet"])]
-    flags += bootstrap_flags()
-    if "green" in input.keys():
-        flags += ["--green", input.green]
-    if "judge" in input.keys():
-        flags += ["--judge", input.judge]
-    flags += ["--skipped-qc", *input.qc]
-    return " ".join(shlex.quote(str(f)) for f in flags)
-
-
-if green_config():
+if RUN_GREEN:
 
     rule green:
         input:
@@ -63,15 +30,10 @@ if green_config():
         output:
             f"{RES}/experiments/{{exp}}/green.json",
         params:
-            model=lambda wc: repo_file(green_config()["model"]),
-            opts=lambda wc: (
-                f"--device {green_config().get('device', 'auto')} --dtype {green_config().get('dtype', 'auto')}"
-                f" --batch-size {green_config().get('batch_size', 4)}"
-                f" --max-new-tokens {green_config().get('max_new_tokens', 1024)}"
-                f" --max-length {green_config().get('max_length', 2048)}"
-            ),
+            model=repo_file(GREEN["model"]),
+            cfg=as_json(without(GREEN, "model", "gpus")),
         resources:
-            gpu=lambda wc: int(green_config().get("gpus", 1)),
+            gpu=GREEN["gpus"],
         log:
             f"{RES}/logs/green/{{exp}}.log",
         benchmark:
@@ -80,10 +42,10 @@ if green_config():
             "../../envs/evaluate.yaml"
         shell:
             "python -m pipeline.evaluate.green --predictions {input.predictions} --references {input.references}"
-            " --model {params.model:q} {params.opts} --out {output} > {log} 2>&1"
+            " --model {params.model:q} --params-json {params.cfg} --out {output} > {log} 2>&1"
 
 
-if judge_config():
+if RUN_JUDGE:
 
     rule judge:
         input:
@@ -92,17 +54,7 @@ if judge_config():
         output:
             f"{RES}/experiments/{{exp}}/judge.json",
         params:
-            endpoint=lambda wc: judge_config()["endpoint"],
-            model=lambda wc: judge_config()["model"],
-            opts=lambda wc: " ".join(
-                [
-                    f"--max-workers {judge_config().get('max_workers', 4)}",
-                    f"--timeout {judge_config().get('timeout_s', 120)}",
-                    f"--retries {judge_config().get('retries', 3)}",
-                    f"--max-tokens {judge_config().get('max_tokens', 256)}",
-                ]
-                + ([f"--api-key-env {judge_config()['api_key_env']}"] if judge_config().get("api_key_env") else [])
-            ),
+            cfg=as_json(JUDGE),
         log:
             f"{RES}/logs/judge/{{exp}}.log",
         benchmark:
@@ -111,12 +63,16 @@ if judge_config():
             "../../envs/evaluate.yaml"
         shell:
             "python -m pipeline.evaluate.judge --predictions {input.predictions} --references {input.references}"
-            " --endpoint {params.endpoint:q} --model {params.model:q} {params.opts} --out {output} > {log} 2>&1"
+            " --params-json {params.cfg} --out {output} > {log} 2>&1"
 
 
 rule evaluate:
     input:
-        unpack(evaluate_inputs),
+        predictions=f"{RES}/experiments/{{exp}}/predictions.parquet",
+        references=f"{RES}/reports/test.parquet",
+        qc=skip_qc_tables,  # the skipped volumes, counted in metrics.json
+        green=f"{RES}/experiments/{{exp}}/green.json" if RUN_GREEN else [],
+        judge=f"{RES}/experiments/{{exp}}/judge.json" if RUN_JUDGE else [],
     output:
         metrics=report(
             f"{RES}/experiments/{{exp}}/metrics.json",
@@ -133,7 +89,7 @@ rule evaluate:
             labels={"experiment": "{exp}"},
         ),
     params:
-        flags=evaluate_flags,
+        cfg=as_json(EVALUATE_SETTINGS),
     log:
         f"{RES}/logs/evaluate/{{exp}}.log",
     benchmark:
@@ -142,7 +98,8 @@ rule evaluate:
         "../../envs/evaluate.yaml"
     shell:
         "python -m pipeline.evaluate --predictions {input.predictions} --references {input.references}"
-        " --experiment {wildcards.exp} --out {output.metrics} --scores-out {output.scores} {params.flags} > {log} 2>&1"
+        " --experiment {wildcards.exp} --params-json {params.cfg} --green {input.green} --judge {input.judge}"
+        " --skipped-qc {input.qc} --out {output.metrics} --scores-out {output.scores} > {log} 2>&1"
 
 
 rule ablation_table:
@@ -161,9 +118,11 @@ rule ablation_table:
         ca_md=report(f"{RES}/tables/ca_per_class.md", caption="../report/ca_per_class.rst", category="Results",
                      subcategory="Clinical accuracy per class"),
     params:
-        out_dir=f"{RES}/tables",
-        # the paired comparison is against `full` (the paper's model); flags as the evaluate rule's
-        flags=lambda wc: " ".join(["--baseline", str(EVAL.get("baseline", "full")), *bootstrap_flags()]),
+        out_dir=lambda wildcards, output: Path(output.csv).parent,
+        # the paired comparison is against the baseline experiment (`full`, the paper's model)
+        baseline=EVAL["baseline"],
+        resamples=EVAL["bootstrap"]["resamples"],
+        seed=EVAL["bootstrap"]["seed"],
     log:
         f"{RES}/logs/ablation_table.log",
     benchmark:
@@ -172,4 +131,5 @@ rule ablation_table:
         "../../envs/evaluate.yaml"
     shell:
         "python -m pipeline.evaluate.table --metrics {input.metrics} --scores {input.scores}"
-        " --out-dir {params.out_dir} {params.flags} > {log} 2>&1"
+        " --out-dir {params.out_dir} --baseline {params.baseline:q} --bootstrap-resamples {params.resamples}"
+        " --seed {params.seed} > {log} 2>&1"

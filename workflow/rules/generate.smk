@@ -1,10 +1,4 @@
-def decoding_flags():
-    """Greedy by default; beam search (num_beams > 1) or sampling (do_sample) from config["generate"]."""
-    g = config["generate"]
-    flags = f"--num-beams {g['num_beams']}"
-    if g["do_sample"]:
-        flags += f" --do-sample --temperature {g['temperature']} --top-p {g['top_p']} --seed {g['seed']}"
-    return flags
+# Generation: the test split's reports of each experiment (model/generate.py), settings from `generate:`.
 
 
 rule generate:
@@ -17,10 +11,8 @@ rule generate:
     output:
         f"{RES}/experiments/{{exp}}/predictions.parquet",
     params:
-        model_dir=lambda w: f"{RES}/experiments/{w.exp}/stage2",
-        max_new_tokens=config["generate"]["max_new_tokens"],
-        batch_size=config["generate"]["batch_size"],
-        decoding=decoding_flags(),
+        model_dir=lambda wildcards, input: Path(input.model).parent,
+        cfg=as_json(config["generate"]),
     log:
         f"{RES}/logs/generate/{{exp}}.log",
     benchmark:
@@ -30,6 +22,5 @@ rule generate:
         "../../envs/train.yaml"
     shell:
         "python -m model.generate --model {params.model_dir} --features {input.features}"
-        " --attributes {input.attributes} --reports {input.test} --skipped-qc {input.qc} --out {output}"
-        " --max-new-tokens {params.max_new_tokens} --batch-size {params.batch_size} {params.decoding}"
-        " > {log} 2>&1"
+        " --attributes {input.attributes} --reports {input.test} --skipped-qc {input.qc}"
+        " --params-json {params.cfg} --out {output} > {log} 2>&1"

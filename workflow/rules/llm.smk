@@ -2,13 +2,13 @@
 # once into a Hugging Face folder, llm.path (unset: <results>/llm/<GGUF file name>), so the train and
 # generate rules load an ordinary safetensors checkpoint (model/gguf_import.py). Included before the train
 # rules, which read llm.path. Without llm.gguf, llm.path is used as given.
-if config["llm"].get("gguf"):
+if config["llm"]["gguf"]:
     from model.gguf_import import locate_gguf
 
-    if config["llm"].get("build_demo", False):
+    if config["llm"]["build_demo"]:
         raise ValueError("config: llm.gguf and llm.build_demo both set; the LM comes from one of them (set build_demo: false)")
     LLM_GGUF_FILE = str(locate_gguf(config["llm"]["gguf"]))  # the wheel's file; a changed file reruns the import
-    if not config["llm"].get("path"):
+    if not config["llm"]["path"]:
         config["llm"]["path"] = f"{RES}/llm/{Path(LLM_GGUF_FILE).stem}"
 
     rule llm_gguf:
@@ -18,7 +18,7 @@ if config["llm"].get("gguf"):
             directory(config["llm"]["path"]),
         params:
             spec=config["llm"]["gguf"],
-            dtype=config["llm"].get("gguf_dtype", "float32"),
+            cfg=as_json({"gguf_dtype": config["llm"]["gguf_dtype"]}),
         log:
             f"{RES}/logs/llm_gguf.log",
         benchmark:
@@ -27,4 +27,4 @@ if config["llm"].get("gguf"):
         conda:
             "../../envs/train.yaml"
         shell:
-            "python -m model.gguf_import --gguf {params.spec:q} --out {output} --dtype {params.dtype} > {log} 2>&1"
+            "python -m model.gguf_import --gguf {params.spec:q} --params-json {params.cfg} --out {output} > {log} 2>&1"

@@ -7,9 +7,9 @@ rule reports:
     output:
         expand(f"{RES}/reports/{{split}}.parquet", split=["train", "validation", "test"]),
     params:
-        out_dir=f"{RES}/reports",
-        region_csv=dataset().get("region_report_csv", []),
-        labels_csv=dataset().get("labels_csv", []),
+        out_dir=lambda wildcards, output: Path(output[0]).parent,
+        region_csv=dataset()["region_report_csv"],
+        labels_csv=dataset()["labels_csv"],
     log:
         f"{RES}/logs/reports.log",
     benchmark:

@@ -1,6 +1,5 @@
 # Reports to read (pipeline/report_samples.py): per experiment a page of sampled generated reports beside
 # their references, and a chart of clinical F1 per class across experiments; both in `snakemake --report`.
-SAMPLES = config["report_samples"]
 
 
 rule report_samples:
@@ -12,8 +11,7 @@ rule report_samples:
         report(f"{RES}/experiments/{{exp}}/samples.html", caption="../report/samples.rst", category="Results",
                subcategory="Generated reports", labels={"experiment": "{exp}"}),
     params:
-        n=SAMPLES["n"],
-        seed=SAMPLES["seed"],
+        cfg=as_json(config["report_samples"]),
     log:
         f"{RES}/logs/report_samples/{{exp}}.log",
     benchmark:
@@ -22,8 +20,7 @@ rule report_samples:
         "../../envs/evaluate.yaml"
     shell:
         "python -m pipeline.report_samples samples --predictions {input.predictions} --references {input.references}"
-        " --scores {input.scores} --experiment {wildcards.exp} --n {params.n} --seed {params.seed}"
-        " --out {output} > {log} 2>&1"
+        " --scores {input.scores} --experiment {wildcards.exp} --params-json {params.cfg} --out {output} > {log} 2>&1"
 
 
 rule ca_per_class_chart:
@@ -35,8 +32,7 @@ rule ca_per_class_chart:
         csv=f"{RES}/tables/ca_per_class_chart.csv",
     params:
         experiments=list(config["experiments"]),
-        resamples=config["evaluate"].get("bootstrap", {}).get("resamples", 1000),
-        seed=config["evaluate"].get("bootstrap", {}).get("seed", 0),
+        cfg=as_json(config["evaluate"]["bootstrap"]),  # the evaluate rule's bootstrap
     log:
         f"{RES}/logs/ca_per_class_chart.log",
     benchmark:
@@ -45,4 +41,4 @@ rule ca_per_class_chart:
         "../../envs/evaluate.yaml"
     shell:
         "python -m pipeline.report_samples chart --scores {input} --experiments {params.experiments}"
-        " --resamples {params.resamples} --seed {params.seed} --out {output.png} > {log} 2>&1"
+        " --params-json {params.cfg} --out {output.png} > {log} 2>&1"

@@ -5,6 +5,9 @@ SEG = config["segmentation"]
 SEG_BACKEND = SEG["backend"]
 SEG_MASKS = f"{RES}/segment/masks/shard-{{shard}}"
 SEG_SAT_RAW = f"{RES}/segment/sat/shard-{{shard}}"
+# the segment jobs' settings: the section with only the chosen backend's parameters (another backend's
+# change does not rerun them)
+SEG_SETTINGS = without(SEG, "sat", "totalsegmentator") | {k: SEG[k] for k in ("sat", "totalsegmentator") if k == SEG_BACKEND}
 
 if SEG_BACKEND == "sat":
 
@@ -23,7 +26,7 @@ if SEG_BACKEND == "sat":
         conda:
             "../../envs/pipeline.yaml"
         shell:
-            "python -m pipeline.segment --step prepare --backend sat --manifest {input.manifest}"
+            "python -m pipeline.segment --step prepare --manifest {input.manifest}"
             " --shard {wildcards.shard} --table {input.table} --out {output} > {log} 2>&1"
 
     rule sat_inference:
@@ -73,12 +76,9 @@ rule segment:
         qc=f"{RES}/qc/segment/shard-{{shard}}.parquet",
         masks=[directory(SEG_MASKS)] if SEG_BACKEND != "precomputed" else [],
     params:
-        backend=SEG_BACKEND,
+        cfg=as_json(SEG_SETTINGS),
         on_error=config["on_error"],
-        cap=SEG["memory_cap_gb"],
-        vocabulary=SEG.get("vocabulary", "auto"),
         masks=f"--masks-out {SEG_MASKS}" if SEG_BACKEND != "precomputed" else "",
-        cfg=lambda wc, input: as_json({**SEG.get(SEG_BACKEND, {}), "sat_raw": input.sat[0] if input.sat else None}),
     log:
         f"{RES}/logs/segment/shard-{{shard}}.log",
     benchmark:
@@ -86,7 +86,6 @@ rule segment:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.segment --manifest {input.manifest} --shard {wildcards.shard}"
-        " --backend {params.backend} --on-error {params.on_error} --memory-cap-gb {params.cap} {params.masks}"
-        " --table {input.table} --vocabulary {params.vocabulary}"
-        " --params {params.cfg} --out {output.table} --qc {output.qc} > {log} 2>&1"
+        "python -m pipeline.segment --manifest {input.manifest} --shard {wildcards.shard} --table {input.table}"
+        " --params-json {params.cfg} --sat-raw {input.sat} {params.masks} --on-error {params.on_error}"
+        " --out {output.table} --qc {output.qc} > {log} 2>&1"
