@@ -431,7 +431,7 @@ def _generated_scores(model_dir: Path, feats: list[str], attrs: list[str], repor
         out = Path(tmp) / "predictions.parquet"
         _run([sys.executable, "-m", "model.generate", "--model", str(model_dir), "--features", *feats,
               "--attributes", *attrs, "--reports", str(reports), "--out", str(out),
-              "--max-new-tokens", "200", "--batch-size", "8"], f"generation for {reports.name}")
+              "--params-json", '{"max_new_tokens": 200, "batch_size": 8}'], f"generation for {reports.name}")
         pred = pd.read_parquet(out)
     ref = pd.read_parquet(reports).set_index("volume_id").loc[pred["volume_id"]]
     scores = clinical_scores(label_reports(ref["findings"].tolist()), label_reports(pred["report"].fillna("").tolist()))

@@ -291,10 +291,11 @@ def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: 
         llm = plan["llm"]
         out_dir = runs_dir / f"seed{seed}" / "llm"
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        settings = {"demo_hidden_size": llm["hidden_size"], "demo_layers": llm["layers"],
+                    "demo_vocab_size": llm["vocab_size"], "demo_seed": seed, "demo_pretrain_steps": llm["pretrain_steps"],
+                    "demo_init_std": llm["init_std"], "demo_attribute_text": bool(llm["attribute_text"])}
         cmd = [py, "-m", "model.demo_llm", "--reports", reports["train"], "--out", str(out_dir),
-               "--hidden-size", str(llm["hidden_size"]), "--layers", str(llm["layers"]),
-               "--vocab-size", str(llm["vocab_size"]), "--seed", str(seed),
-               "--pretrain-steps", str(llm["pretrain_steps"]), "--init-std", str(llm["init_std"])]
+               "--params-json", json.dumps(settings)]
         if llm["attribute_text"]:
             cmd += ["--attributes", *attrs]
         t = time.perf_counter()
@@ -323,8 +324,9 @@ def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: 
             ("generate", [py, "-m", "model.generate", "--model", str(d / "stage2"), "--features",
                           *feats[exp["pooling"]], "--attributes", *attrs, "--reports", reports["test"],
                           "--out", str(d / "predictions.parquet"),
-                          "--max-new-tokens", str(plan["generate"]["max_new_tokens"]),
-                          "--batch-size", str(plan["generate"]["batch_size"]), "--device", device_name]),
+                          "--params-json", json.dumps({"max_new_tokens": plan["generate"]["max_new_tokens"],
+                                                       "batch_size": plan["generate"]["batch_size"]}),
+                          "--device", device_name]),
         ]
         key = f"seed{seed}/{name}"
         timings[key] = {}
