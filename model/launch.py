@@ -148,14 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, trainer_args = argv[:i], argv[i + 1 :]
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--accelerate-config", required=True)
+    ap = argparse.ArgumentParser(prog="python -m model.launch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--accelerate-config", required=True,
+                    help="Accelerate config file (config/accelerate/*.yaml): the launcher, process and machine counts")
     ap.add_argument("--processes", type=int, default=None, help="total processes (default: the file's)")
     ap.add_argument("--machines", type=int, default=None, help="machines (default: the file's)")
-    ap.add_argument("--machine-rank", type=int, default=None)
-    ap.add_argument("--main-process-ip", default=None)
-    ap.add_argument("--main-process-port", type=int, default=None)
-    ap.add_argument("--module", default="model.train")
+    ap.add_argument("--machine-rank", type=int, default=None,
+                    help="this machine's rank, with several machines (default: $SLURM_NODEID, else $MACHINE_RANK)")
+    ap.add_argument("--main-process-ip", default=None,
+                    help="address of the rank-0 machine, with several machines (default: $MASTER_ADDR)")
+    ap.add_argument("--main-process-port", type=int, default=None,
+                    help="port on the rank-0 machine, with several machines (default: $MASTER_PORT, else 29500)")
+    ap.add_argument("--module", default="model.train", help="the trainer module each process runs (default: model.train)")
     ap.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     args = ap.parse_args(argv)
     launch = build_launch(

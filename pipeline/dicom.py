@@ -182,11 +182,13 @@ def convert_series(folder: Path | str, out_path: Path | str, volume_id: str,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.dicom", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--series", type=Path, required=True, help="folder with the DICOM files of one series")
     ap.add_argument("--out", type=Path, required=True, help="output .nii.gz")
     ap.add_argument("--volume-id", default=None, help="id used in messages (default: the output's name)")
-    ap.add_argument("--series-uid", default=None)
+    ap.add_argument("--series-uid", default=None,
+                    help="SeriesInstanceUID of the series to convert, when the folder holds several")
     args = ap.parse_args(argv)
     vid = args.volume_id or args.out.name.removesuffix(".gz").removesuffix(".nii")
     print(json.dumps(convert_series(args.series, args.out, vid, args.series_uid)))

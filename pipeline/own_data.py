@@ -354,15 +354,20 @@ def write_example(shared_data: Path, out_dir: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.own_data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, help="what to do (COMMAND --help: its options)")
     dc = sub.add_parser("dicom", help="convert the DICOM rows of one shard to NIfTI")
     dc.add_argument("--table", type=Path, required=True, help="the own-data manifest (.csv / .parquet)")
-    dc.add_argument("--shard", type=int, required=True)
-    dc.add_argument("--shard-size", type=int, required=True)
+    dc.add_argument("--shard", type=int, required=True,
+                    help="which shard's DICOM rows to convert (shards as the cohort manifest numbers them)")
+    dc.add_argument("--shard-size", type=int, required=True,
+                    help="volumes per shard, in volume-id order (the workflow's shard size)")
     dc.add_argument("--out", type=Path, required=True, help="folder of <volume_id>.nii.gz")
-    dc.add_argument("--qc", type=Path, required=True)
-    dc.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    dc.add_argument("--qc", type=Path, required=True, help="QC table (.parquet) of the shard's DICOM rows: ok, or error and why")
+    dc.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                    help="a series that cannot be converted: fail the job, or record it and skip the volume "
+                         "(default: fail)")
     ex = sub.add_parser("example", help="write an example table over the shared TotalSegmentator files")
     ex.add_argument("--shared-data", type=Path, required=True, help="the folder holding totalsegmentator/, label-maps/")
     ex.add_argument("--out", type=Path, required=True, help="folder for cohort.csv")

@@ -122,12 +122,19 @@ def build_reports(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--manifest", type=Path, required=True)
-    ap.add_argument("--region-csv", type=Path, nargs="*", default=[])
-    ap.add_argument("--labels-csv", type=Path, nargs="*", default=[])
-    ap.add_argument("--table", type=Path, required=True)
-    ap.add_argument("--out-dir", type=Path, required=True)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.reports", description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--manifest", type=Path, required=True,
+                    help="the cohort manifest (results/cohort.parquet):\nvolume_id, patient_id, split, findings, impressions")
+    ap.add_argument("--region-csv", type=Path, nargs="*", default=[],
+                    help="grounded region report CSVs (Volumename, Anatomy, Sentence); a volume in none of them\n"
+                         "gets its findings split into region texts by keywords")
+    ap.add_argument("--labels-csv", type=Path, nargs="*", default=[],
+                    help="CT-RATE label CSVs (VolumeName and the 18 label columns)")
+    ap.add_argument("--table", type=Path, required=True,
+                    help="the label table (config/regions.yaml): its report_regions roll anatomies up to regions")
+    ap.add_argument("--out-dir", type=Path, required=True,
+                    help="folder for train.parquet, validation.parquet and test.parquet")
     args = ap.parse_args(argv)
     log = setup_logging()
     reports = build_reports(pd.read_parquet(args.manifest), args.region_csv, args.labels_csv, args.table)

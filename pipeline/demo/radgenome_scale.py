@@ -158,11 +158,15 @@ def write_radgenome_scale_case(out_dir: Path | str, seed: int = 0, shape_xyz: Se
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shape", type=int, nargs=3, default=(360, 300, 110), metavar=("X", "Y", "Z"))
-    ap.add_argument("--table", type=Path, default=DEFAULT_TABLE)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.demo.radgenome_scale", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True,
+                    help="folder for volumes/, masks/ and case.json (replaced when it exists)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the phantom and the stand-in structures (default: 0)")
+    ap.add_argument("--shape", type=int, nargs=3, default=(360, 300, 110), metavar=("X", "Y", "Z"),
+                    help="voxels along x, y, z at 1 x 1 x 3 mm (default: RadGenome's 360 300 110)")
+    ap.add_argument("--table", type=Path, default=DEFAULT_TABLE,
+                    help="the label table whose RadGenome names get a mask file each (default: config/regions.yaml)")
     args = ap.parse_args(argv)
     out = write_radgenome_scale_case(args.out, args.seed, args.shape, args.table)
     info = json.loads((out / "case.json").read_text(encoding="utf-8"))

@@ -366,13 +366,16 @@ def write_tables(df: pd.DataFrame, impls: dict[str, str], out_dir: Path, metrics
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate.table", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--metrics", nargs="+", required=True, type=Path)
-    ap.add_argument("--out-dir", required=True, type=Path)
+    ap.add_argument("--metrics", nargs="+", required=True, type=Path,
+                    help="each experiment's metrics.json (python -m pipeline.evaluate), one table row each, in this order")
+    ap.add_argument("--out-dir", required=True, type=Path,
+                    help="folder for ablation.csv/.md/.png and ca_per_class.csv/.md")
     ap.add_argument("--scores", nargs="*", default=[], type=Path,
                     help="each experiment's scores.parquet, in the order of --metrics (paired comparison)")
     ap.add_argument("--baseline", default="full", help="experiment the others are compared with (paired bootstrap)")
-    ap.add_argument("--bootstrap-resamples", type=int, default=bootstrap.DEFAULT_RESAMPLES)
-    ap.add_argument("--seed", type=int, default=bootstrap.DEFAULT_SEED)
+    ap.add_argument("--bootstrap-resamples", type=int, default=bootstrap.DEFAULT_RESAMPLES,
+                    help="resamples of the paired bootstrap (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=bootstrap.DEFAULT_SEED, help="bootstrap seed (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.scores and len(args.scores) != len(args.metrics):
         print(f"error: {len(args.scores)} --scores files for {len(args.metrics)} --metrics files", file=sys.stderr)
