@@ -44,7 +44,9 @@ def _runnable(module: str) -> bool:
 def _imports_main_of(importer: str, module: str) -> bool:
     package = importer.rsplit(".", 1)[0]
     names = [re.escape(module)]
-    if module.startswith(package + "."):
+    if module == package:
+        names.append(re.escape("."))  # from . import main
+    elif module.startswith(package + "."):
         names.append(re.escape("." + module[len(package) + 1 :]))  # from .stage import main
     return any(re.search(rf"^from {name} import [^\n]*\bmain\b", SOURCES[importer], re.M) for name in names)
 
