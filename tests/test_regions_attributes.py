@@ -432,7 +432,7 @@ def test_radgenome_scale_case_has_every_structure_file(tmp_path: Path) -> None:
 
 
 def test_zlib_fallback_without_libdeflate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.io as io
+    import pipeline.io.deflate as io
 
     ct, mask_dir = _case(tmp_path)
     monkeypatch.setattr(io, "_SPARSE", None)  # the libdeflate path, not the sparse inflater

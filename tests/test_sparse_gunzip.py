@@ -133,7 +133,7 @@ def test_sparse_inflater_errors_name_volume_and_file(tmp_path: Path) -> None:
 
 def test_regions_merge_is_the_same_with_sparse_libdeflate_and_zlib(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.io as io
+    import pipeline.io.deflate as io
 
     shape = (12, 30, 41)
     names = ["right lung upper lobe", "left lung lower lobe", "left heart ventricle", "liver", "lung effusion",
@@ -215,7 +215,7 @@ def test_decoder_choice_gives_the_same_masks_and_is_recorded(tmp_path: Path) -> 
 
 
 def test_an_unavailable_decoder_is_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import io
+    from pipeline.io import deflate as io
 
     monkeypatch.setattr(io, "LIBDEFLATE_SYMBOLS", io.LIBDEFLATE_SYMBOLS + ("libdeflate_no_such_function",))
     lib, problem = io._load_libdeflate()  # a release that hides a symbol: detected at import, not mid-run
