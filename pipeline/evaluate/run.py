@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -75,7 +74,7 @@ from pipeline.evaluate.nlg import (
     open_meteor,
     open_wordnet,
 )
-from pipeline.io import write_parquet
+from pipeline.io import atomic_output, write_parquet
 from pipeline.stage_config import SettingsError, parse_settings
 
 CA_F1_IMPLEMENTATION = (
@@ -89,19 +88,10 @@ def _is_empty(x: Any) -> bool:
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON to a temp file in the target folder, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, allow_nan=False, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON (no NaN, non-ASCII kept) atomically, through `pipeline.io.atomic_output`."""
+    with atomic_output(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, allow_nan=False, ensure_ascii=False)
+        f.write("\n")
 
 
 def join_frames(pred: pd.DataFrame, ref: pd.DataFrame) -> tuple[pd.DataFrame, int]:
