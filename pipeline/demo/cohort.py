@@ -21,9 +21,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -73,6 +71,7 @@ from pipeline.demo.phantom import (
     smooth_field,
 )
 from pipeline.demo.report_text import compose_report
+from pipeline.io import atomic_output
 from pipeline.stage_config import SettingsError, parse_settings
 
 REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
@@ -384,11 +383,10 @@ def generate_demo_cohort(out_dir: Path, n_cases: int = 80, seed: int = 0, shape_
     if not 32 <= shape_xy <= 512 or not 16 <= n_slices <= 512:
         raise ValueError(f"unsupported grid {n_slices} x {shape_xy} x {shape_xy}")
     specs = plan_cohort(n_cases, seed, shape_xy, n_slices, spacing, findings, normal_fraction)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     workers = max(1, min(workers or min(2, os.cpu_count() or 1), len(specs)))
     t0 = time.perf_counter()
-    try:
+    with atomic_output(out_dir) as tmp:
+        tmp.mkdir()
         metas: list[dict[str, Any]] = []
         tasks = [(spec, tmp) for spec in specs]
         if workers == 1:
@@ -408,16 +406,6 @@ def generate_demo_cohort(out_dir: Path, n_cases: int = 80, seed: int = 0, shape_
                 pool.terminate()
                 pool.join()
         write_tables(metas, tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if verbose:
         print(f"[demo_cohort] wrote {len(specs)} volumes to {out_dir} in {time.perf_counter() - t0:.1f} s",
               flush=True)
