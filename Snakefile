@@ -21,7 +21,9 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 # Every job imports pipeline/ and model/ from this repository, also inside the envs/ conda environments,
 # which do not install the project (Snakemake copies env files elsewhere, so no relative path can reach it).
-shell.prefix(f"set -euo pipefail; export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+shell.prefix(
+    f"set -euo pipefail; export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+)
 
 
 report: "workflow/report/workflow.rst"
@@ -51,6 +53,6 @@ include: "workflow/rules/export.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_outputs,
-    default_target: True

@@ -14,8 +14,10 @@ from pipeline.config_check import check_placeholders, resolve_demo_model_paths, 
 REPO = Path(workflow.basedir)
 RES = config["results"]
 FEATURE_ARRAYS_DIR = f"{RES}/features"
-check_placeholders(config)  # a copied template's /path/to/... values fail here, naming the keys
-resolve_demo_model_paths(config, RES)  # build_demo without a path: <results>/demo/models/{encoder,llm}
+# a copied template's /path/to/... values fail here, naming the keys
+check_placeholders(config)
+# build_demo without a path: <results>/demo/models/{encoder,llm}
+resolve_demo_model_paths(config, RES)
 
 
 def repo_file(path):
@@ -46,8 +48,12 @@ def dataset():
         }
     if ds["adapter"] == "manifest":
         # the cohort rule writes the table's region texts and labels in RadGenome's / CT-RATE's shapes
-        return {**ds, "root": None, "region_report_csv": [f"{RES}/cohort/region_report.csv"],
-                "labels_csv": [f"{RES}/cohort/labels.csv"]}
+        return {
+            **ds,
+            "root": None,
+            "region_report_csv": [f"{RES}/cohort/region_report.csv"],
+            "labels_csv": [f"{RES}/cohort/labels.csv"],
+        }
     return {**ds, "root": None}
 
 
@@ -85,7 +91,8 @@ def n_volumes():
 
 N_VOLUMES = n_volumes()
 SHARDS = list(range(max(1, -(-N_VOLUMES // config["shard_size"]))))
-DICOM_SHARDS = []  # own data: the shards holding DICOM rows, converted by dicom_import.smk
+# own data: the shards holding DICOM rows, converted by dicom_import.smk
+DICOM_SHARDS = []
 if config["dataset"]["adapter"] == "manifest":
     from pipeline.own_data import dicom_shards
 
@@ -120,12 +127,20 @@ def experiment_features(wildcards):
 
 def skip_qc_tables(wildcards):
     """The data stages' QC tables an experiment's steps read (pipeline/skipped.py), in pipeline order: the
-    volumes skipped under `on_error: skip` are left out of training, generation and scoring."""
+    volumes skipped under `on_error: skip` are left out of training, generation and scoring.
+    """
     f = config["features"]
     encoded = "raw" if f["raw_cache"] else experiment(wildcards.exp)["pooling"]
-    tables = [f"{RES}/qc/dicom/shard-{s}.parquet" for s in DICOM_SHARDS]  # own data's DICOM
-    tables += [f"{RES}/qc/{stage}/shard-{s}.parquet" for stage in ("segment", "regions", "attributes") for s in shards()]
-    return tables + [f"{RES}/qc/features/{f['tag']}-{encoded}/shard-{s}.parquet" for s in shards()]
+    # own data's DICOM import, then the data stages, then the features
+    tables = [f"{RES}/qc/dicom/shard-{s}.parquet" for s in DICOM_SHARDS]
+    tables += [
+        f"{RES}/qc/{stage}/shard-{s}.parquet"
+        for stage in ("segment", "regions", "attributes")
+        for s in shards()
+    ]
+    return tables + [
+        f"{RES}/qc/features/{f['tag']}-{encoded}/shard-{s}.parquet" for s in shards()
+    ]
 
 
 def all_outputs(wildcards):
@@ -133,17 +148,37 @@ def all_outputs(wildcards):
     return (
         [f"{RES}/experiments/{e}/metrics.json" for e in exps]
         + [f"{RES}/tables/ablation.{ext}" for ext in ("csv", "md", "png")]
-        + [f"{RES}/experiments/{e}/samples.html" for e in exps] + [f"{RES}/tables/ca_per_class_chart.png"]
+        + [f"{RES}/experiments/{e}/samples.html" for e in exps]
+        + [f"{RES}/tables/ca_per_class_chart.png"]
         + [f"{RES}/qc/regions/shard-{s}.parquet" for s in shards()]
     )
 
 
 # ---- features (features.smk) -------------------------------------------------------------------------
 # settings that change the encoding (a change re-encodes); pooling settings only re-pool
-ENCODE_KEYS = ("input_size", "hu_window", "channel_windows", "layers", "batch_size", "mask_grid", "mask_threshold",
-               "prefetch", "workers", "compressor", "device")
+ENCODE_KEYS = (
+    "input_size",
+    "hu_window",
+    "channel_windows",
+    "layers",
+    "batch_size",
+    "mask_grid",
+    "mask_threshold",
+    "prefetch",
+    "workers",
+    "compressor",
+    "device",
+)
 # what `pool` checks against the raw-token cache it reads, and how it writes
-POOL_CHECKED = ("input_size", "hu_window", "channel_windows", "layers", "mask_grid", "mask_threshold", "compressor")
+POOL_CHECKED = (
+    "input_size",
+    "hu_window",
+    "channel_windows",
+    "layers",
+    "mask_grid",
+    "mask_threshold",
+    "compressor",
+)
 
 
 def encode_settings():
@@ -153,7 +188,11 @@ def encode_settings():
 def pool_settings(pooling):
     # r2 takes one slice per region; `slices` (s) applies to the lita mode
     f = config["features"]
-    return {"pooling": pooling, "slices": f["slices"] if pooling == "lita" else None, "region_grid": f["region_grid"]}
+    return {
+        "pooling": pooling,
+        "slices": f["slices"] if pooling == "lita" else None,
+        "region_grid": f["region_grid"],
+    }
 
 
 def features_params(wildcards):
@@ -163,14 +202,24 @@ def features_params(wildcards):
 
 def pool_params(wildcards):
     """`--params-json` of the pool rule: the settings checked against the raw cache, and the pooling."""
-    return as_json({**{k: config["features"][k] for k in POOL_CHECKED}, **pool_settings(wildcards.pooling)})
+    return as_json(
+        {
+            **{k: config["features"][k] for k in POOL_CHECKED},
+            **pool_settings(wildcards.pooling),
+        }
+    )
 
 
 def encoder_args():
     enc = config["features"]["encoder"]
     expect = enc["expect"] or (
-        {"hidden_size": enc["demo_hidden_size"], "num_hidden_layers": enc["demo_layers"], "patch_size": 14}
-        if enc["build_demo"] else {}
+        {
+            "hidden_size": enc["demo_hidden_size"],
+            "num_hidden_layers": enc["demo_layers"],
+            "patch_size": 14,
+        }
+        if enc["build_demo"]
+        else {}
     )
     args = f"--encoder {shlex.quote(enc['path'])} --expect-json {as_json(expect)}"
     if enc["revision"]:
@@ -182,5 +231,53 @@ def encoder_input():
     # a folder (or the demo encoder's output) is an input; a hub id that is no folder here is looked
     # up in the local Hugging Face cache by the job, which says how to get the weights if absent
     enc = config["features"]["encoder"]
-    hub_id = re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", enc["path"]) and not Path(enc["path"]).exists()
+    hub_id = (
+        re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", enc["path"])
+        and not Path(enc["path"]).exists()
+    )
     return [] if (hub_id and not enc["build_demo"]) else [enc["path"]]
+
+
+# ---- training (train.smk) ----------------------------------------------------------------------------
+def launch_flags():
+    """`python -m model.launch` flags from config["train"]: accelerate config file, processes, machines.
+
+    Several CPU processes start through torchrun (gloo), everything else through `accelerate launch`
+    (model/launch.py). On several machines the rank and head node come from $SLURM_NODEID / $MASTER_ADDR
+    at run time.
+    """
+    t = config["train"]
+    flags = ["--accelerate-config", repo_file(t["accelerate_config"])]
+    for key, flag in (
+        ("processes", "--processes"),
+        ("machines", "--machines"),
+        ("main_process_port", "--main-process-port"),
+    ):
+        if t.get(key) is not None:
+            flags += [flag, str(t[key])]
+    return " ".join(shlex.quote(f) for f in flags)
+
+
+def train_gpus():
+    """GPUs per machine for the train jobs (a SLURM job's --gpus): 0 on CPU, else processes / machines."""
+    from model.launch import gpus_per_machine
+
+    t = config["train"]
+    return gpus_per_machine(
+        repo_file(t["accelerate_config"]), t.get("processes"), t.get("machines")
+    )
+
+
+def train_params(stage):
+    def inner(wildcards):
+        # train.log_with (a tracker such as tensorboard) applies to both stages; unset, the command is unchanged
+        tracker = (
+            {"log_with": config["train"]["log_with"]}
+            if config["train"].get("log_with")
+            else {}
+        )
+        return as_json(
+            {**config["train"][f"stage{stage}"], **experiment(wildcards.exp), **tracker}
+        )
+
+    return inner

@@ -4,22 +4,22 @@
 if config["dataset"]["adapter"] == "manifest":
 
     rule dicom_import:
-        wildcard_constraints:
-            shard=r"\d+",
         input:
             table=dataset()["manifest"],
         output:
             volumes=directory(f"{RES}/dicom/shard-{{shard}}"),
             qc=f"{RES}/qc/dicom/shard-{{shard}}.parquet",
-        params:
-            shard_size=config["shard_size"],
-            on_error=config["on_error"],
         log:
             f"{RES}/logs/dicom_import/shard-{{shard}}.log",
         benchmark:
             f"{RES}/benchmarks/dicom_import/shard-{{shard}}.tsv"
+        wildcard_constraints:
+            shard=r"\d+",
         conda:
             "../../envs/pipeline.yaml"
+        params:
+            shard_size=config["shard_size"],
+            on_error=config["on_error"],
         shell:
             "python -m pipeline.own_data dicom --table {input.table} --shard {wildcards.shard}"
             " --shard-size {params.shard_size} --out {output.volumes} --qc {output.qc}"

@@ -3,19 +3,25 @@
 from pipeline.config_check import section as config_section
 from pipeline.config_check import without
 
-EVAL = config_section(config, "evaluate")  # defaults filled (as validate does, also when included alone)
+# defaults filled (as the Snakefile's validate does; also when this file is included alone)
+EVAL = config_section(config, "evaluate")
 GREEN = EVAL["green"]
 JUDGE = EVAL["judge"]
 RUN_GREEN = GREEN["model"] is not None  # model null: GREEN shown as not run
-RUN_JUDGE = JUDGE["endpoint"] is not None and JUDGE["model"] is not None  # either null: judge not run
+# endpoint or model null: judge not run
+RUN_JUDGE = JUDGE["endpoint"] is not None and JUDGE["model"] is not None
 LABELER = EVAL["labeler"]
 EVALUATE_SETTINGS = {
     "java": EVAL["java"],
     "wordnet": None if EVAL["wordnet"] is None else repo_file(EVAL["wordnet"]),
     "labeler": {
         **LABELER,
-        "weights": None if LABELER["weights"] is None else repo_file(LABELER["weights"]),
-        "model_dir": None if LABELER["model_dir"] is None else repo_file(LABELER["model_dir"]),
+        "weights": (
+            None if LABELER["weights"] is None else repo_file(LABELER["weights"])
+        ),
+        "model_dir": (
+            None if LABELER["model_dir"] is None else repo_file(LABELER["model_dir"])
+        ),
     },
     "bootstrap": EVAL["bootstrap"],
 }
@@ -29,17 +35,17 @@ if RUN_GREEN:
             references=f"{RES}/reports/test.parquet",
         output:
             f"{RES}/experiments/{{exp}}/green.json",
-        params:
-            model=repo_file(GREEN["model"]),
-            cfg=as_json(without(GREEN, "model", "gpus")),
-        resources:
-            gpu=GREEN["gpus"],
         log:
             f"{RES}/logs/green/{{exp}}.log",
         benchmark:
             f"{RES}/benchmarks/green/{{exp}}.tsv"
         conda:
             "../../envs/evaluate.yaml"
+        resources:
+            gpu=GREEN["gpus"],
+        params:
+            model=repo_file(GREEN["model"]),
+            cfg=as_json(without(GREEN, "model", "gpus")),
         shell:
             "python -m pipeline.evaluate.green --predictions {input.predictions} --references {input.references}"
             " --model {params.model:q} --params-json {params.cfg} --out {output} > {log} 2>&1"
@@ -53,14 +59,14 @@ if RUN_JUDGE:
             references=f"{RES}/reports/test.parquet",
         output:
             f"{RES}/experiments/{{exp}}/judge.json",
-        params:
-            cfg=as_json(JUDGE),
         log:
             f"{RES}/logs/judge/{{exp}}.log",
         benchmark:
             f"{RES}/benchmarks/judge/{{exp}}.tsv"
         conda:
             "../../envs/evaluate.yaml"
+        params:
+            cfg=as_json(JUDGE),
         shell:
             "python -m pipeline.evaluate.judge --predictions {input.predictions} --references {input.references}"
             " --params-json {params.cfg} --out {output} > {log} 2>&1"
@@ -88,14 +94,14 @@ rule evaluate:
             subcategory="Per-volume scores",
             labels={"experiment": "{exp}"},
         ),
-    params:
-        cfg=as_json(EVALUATE_SETTINGS),
     log:
         f"{RES}/logs/evaluate/{{exp}}.log",
     benchmark:
         f"{RES}/benchmarks/evaluate/{{exp}}.tsv"
     conda:
         "../../envs/evaluate.yaml"
+    params:
+        cfg=as_json(EVALUATE_SETTINGS),
     shell:
         "python -m pipeline.evaluate --predictions {input.predictions} --references {input.references}"
         " --experiment {wildcards.exp} --params-json {params.cfg} --green {input.green} --judge {input.judge}"
@@ -104,31 +110,56 @@ rule evaluate:
 
 rule ablation_table:
     input:
-        metrics=expand(f"{RES}/experiments/{{exp}}/metrics.json", exp=list(config["experiments"])),
-        scores=expand(f"{RES}/experiments/{{exp}}/scores.parquet", exp=list(config["experiments"])),
+        metrics=expand(
+            f"{RES}/experiments/{{exp}}/metrics.json", exp=list(config["experiments"])
+        ),
+        scores=expand(
+            f"{RES}/experiments/{{exp}}/scores.parquet",
+            exp=list(config["experiments"]),
+        ),
     output:
-        csv=report(f"{RES}/tables/ablation.csv", caption="../report/ablation.rst", category="Results",
-                   subcategory="Ablation table"),
-        md=report(f"{RES}/tables/ablation.md", caption="../report/ablation.rst", category="Results",
-                  subcategory="Ablation table"),
-        png=report(f"{RES}/tables/ablation.png", caption="../report/ablation.rst", category="Results",
-                   subcategory="Ablation table"),
-        ca_csv=report(f"{RES}/tables/ca_per_class.csv", caption="../report/ca_per_class.rst", category="Results",
-                      subcategory="Clinical accuracy per class"),
-        ca_md=report(f"{RES}/tables/ca_per_class.md", caption="../report/ca_per_class.rst", category="Results",
-                     subcategory="Clinical accuracy per class"),
-    params:
-        out_dir=lambda wildcards, output: Path(output.csv).parent,
-        # the paired comparison is against the baseline experiment (`full`, the paper's model)
-        baseline=EVAL["baseline"],
-        resamples=EVAL["bootstrap"]["resamples"],
-        seed=EVAL["bootstrap"]["seed"],
+        csv=report(
+            f"{RES}/tables/ablation.csv",
+            caption="../report/ablation.rst",
+            category="Results",
+            subcategory="Ablation table",
+        ),
+        md=report(
+            f"{RES}/tables/ablation.md",
+            caption="../report/ablation.rst",
+            category="Results",
+            subcategory="Ablation table",
+        ),
+        png=report(
+            f"{RES}/tables/ablation.png",
+            caption="../report/ablation.rst",
+            category="Results",
+            subcategory="Ablation table",
+        ),
+        ca_csv=report(
+            f"{RES}/tables/ca_per_class.csv",
+            caption="../report/ca_per_class.rst",
+            category="Results",
+            subcategory="Clinical accuracy per class",
+        ),
+        ca_md=report(
+            f"{RES}/tables/ca_per_class.md",
+            caption="../report/ca_per_class.rst",
+            category="Results",
+            subcategory="Clinical accuracy per class",
+        ),
     log:
         f"{RES}/logs/ablation_table.log",
     benchmark:
         f"{RES}/benchmarks/ablation_table.tsv"
     conda:
         "../../envs/evaluate.yaml"
+    params:
+        out_dir=lambda wildcards, output: Path(output.csv).parent,
+        # the paired comparison is against the baseline experiment (`full`, the paper's model)
+        baseline=EVAL["baseline"],
+        resamples=EVAL["bootstrap"]["resamples"],
+        seed=EVAL["bootstrap"]["seed"],
     shell:
         "python -m pipeline.evaluate.table --metrics {input.metrics} --scores {input.scores}"
         " --out-dir {params.out_dir} --baseline {params.baseline:q} --bootstrap-resamples {params.resamples}"

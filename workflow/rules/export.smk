@@ -4,8 +4,6 @@
 
 
 rule export_masks_shard:
-    wildcard_constraints:
-        shard=r"\d+",
     input:
         masks=f"{RES}/masks/shard-{{shard}}.zarr",
         manifest=f"{RES}/cohort.parquet",
@@ -15,6 +13,8 @@ rule export_masks_shard:
         f"{RES}/logs/export_masks/shard-{{shard}}.log",
     benchmark:
         f"{RES}/benchmarks/export_masks/shard-{{shard}}.tsv"
+    wildcard_constraints:
+        shard=r"\d+",
     conda:
         "../../envs/pipeline.yaml"
     shell:

@@ -16,21 +16,21 @@ if not FEAT["raw_cache"]:
         output:
             features=directory(f"{FEATURE_TAG_DIR}-{{pooling}}/shard-{{shard}}.zarr"),
             qc=f"{RES}/qc/features/{FEAT['tag']}-{{pooling}}/shard-{{shard}}.parquet",
-        wildcard_constraints:
-            pooling="r2|lita",
-        params:
-            cfg=features_params,
-            encoder=encoder_args(),
-            on_error=config["on_error"],
         log:
             f"{RES}/logs/features/{{pooling}}-shard-{{shard}}.log",
         benchmark:
             f"{RES}/benchmarks/features/{{pooling}}-shard-{{shard}}.tsv"
+        wildcard_constraints:
+            pooling="r2|lita",
+        conda:
+            "../../envs/pipeline.yaml"
         threads: FEAT["threads"]
         resources:
             gpu=0,
-        conda:
-            "../../envs/pipeline.yaml"
+        params:
+            cfg=features_params,
+            encoder=encoder_args(),
+            on_error=config["on_error"],
         shell:
             "python -m pipeline.features encode --manifest {input.manifest} --shard {wildcards.shard}"
             " --masks {input.masks} {params.encoder} --params-json {params.cfg}"
@@ -46,19 +46,19 @@ else:
         output:
             raw=directory(f"{FEATURE_TAG_DIR}-raw/shard-{{shard}}.zarr"),
             qc=f"{RES}/qc/features/{FEAT['tag']}-raw/shard-{{shard}}.parquet",
-        params:
-            cfg=as_json(encode_settings()),
-            encoder=encoder_args(),
-            on_error=config["on_error"],
         log:
             f"{RES}/logs/features/raw-shard-{{shard}}.log",
         benchmark:
             f"{RES}/benchmarks/features/raw-shard-{{shard}}.tsv"
+        conda:
+            "../../envs/pipeline.yaml"
         threads: FEAT["threads"]
         resources:
             gpu=0,
-        conda:
-            "../../envs/pipeline.yaml"
+        params:
+            cfg=as_json(encode_settings()),
+            encoder=encoder_args(),
+            on_error=config["on_error"],
         shell:
             "python -m pipeline.features encode --manifest {input.manifest} --shard {wildcards.shard}"
             " --masks {input.masks} {params.encoder} --params-json {params.cfg}"
@@ -69,17 +69,17 @@ else:
             raw=f"{FEATURE_TAG_DIR}-raw/shard-{{shard}}.zarr",
         output:
             directory(f"{FEATURE_TAG_DIR}-{{pooling}}/shard-{{shard}}.zarr"),
-        wildcard_constraints:
-            pooling="r2|lita",
-        params:
-            cfg=pool_params,
         log:
             f"{RES}/logs/pool/{{pooling}}-shard-{{shard}}.log",
         benchmark:
             f"{RES}/benchmarks/pool/{{pooling}}-shard-{{shard}}.tsv"
-        threads: 1
+        wildcard_constraints:
+            pooling="r2|lita",
         conda:
             "../../envs/pipeline.yaml"
+        threads: 1
+        params:
+            cfg=pool_params,
         shell:
             "python -m pipeline.features pool --raw {input.raw} --params-json {params.cfg} --out {output}"
             " --threads {threads} > {log} 2>&1"

@@ -10,16 +10,16 @@ rule generate:
         qc=skip_qc_tables,  # volumes skipped under on_error: skip get no prediction
     output:
         f"{RES}/experiments/{{exp}}/predictions.parquet",
-    params:
-        model_dir=lambda wildcards, input: Path(input.model).parent,
-        cfg=as_json(config["generate"]),
     log:
         f"{RES}/logs/generate/{{exp}}.log",
     benchmark:
         f"{RES}/benchmarks/generate/{{exp}}.tsv"
-    threads: 2
     conda:
         "../../envs/train.yaml"
+    threads: 2
+    params:
+        model_dir=lambda wildcards, input: Path(input.model).parent,
+        cfg=as_json(config["generate"]),
     shell:
         "python -m model.generate --model {params.model_dir} --features {input.features}"
         " --attributes {input.attributes} --reports {input.test} --skipped-qc {input.qc}"

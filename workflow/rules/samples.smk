@@ -8,16 +8,21 @@ rule report_samples:
         references=f"{RES}/reports/test.parquet",
         scores=f"{RES}/experiments/{{exp}}/scores.parquet",
     output:
-        report(f"{RES}/experiments/{{exp}}/samples.html", caption="../report/samples.rst", category="Results",
-               subcategory="Generated reports", labels={"experiment": "{exp}"}),
-    params:
-        cfg=as_json(config["report_samples"]),
+        report(
+            f"{RES}/experiments/{{exp}}/samples.html",
+            caption="../report/samples.rst",
+            category="Results",
+            subcategory="Generated reports",
+            labels={"experiment": "{exp}"},
+        ),
     log:
         f"{RES}/logs/report_samples/{{exp}}.log",
     benchmark:
         f"{RES}/benchmarks/report_samples/{{exp}}.tsv"
     conda:
         "../../envs/evaluate.yaml"
+    params:
+        cfg=as_json(config["report_samples"]),
     shell:
         "python -m pipeline.report_samples samples --predictions {input.predictions} --references {input.references}"
         " --scores {input.scores} --experiment {wildcards.exp} --params-json {params.cfg} --out {output} > {log} 2>&1"
@@ -25,20 +30,27 @@ rule report_samples:
 
 rule ca_per_class_chart:
     input:
-        expand(f"{RES}/experiments/{{exp}}/scores.parquet", exp=list(config["experiments"])),
+        expand(
+            f"{RES}/experiments/{{exp}}/scores.parquet",
+            exp=list(config["experiments"]),
+        ),
     output:
-        png=report(f"{RES}/tables/ca_per_class_chart.png", caption="../report/ca_per_class_chart.rst",
-                   category="Results", subcategory="Clinical accuracy per class"),
+        png=report(
+            f"{RES}/tables/ca_per_class_chart.png",
+            caption="../report/ca_per_class_chart.rst",
+            category="Results",
+            subcategory="Clinical accuracy per class",
+        ),
         csv=f"{RES}/tables/ca_per_class_chart.csv",
-    params:
-        experiments=list(config["experiments"]),
-        cfg=as_json(config["evaluate"]["bootstrap"]),  # the evaluate rule's bootstrap
     log:
         f"{RES}/logs/ca_per_class_chart.log",
     benchmark:
         f"{RES}/benchmarks/ca_per_class_chart.tsv"
     conda:
         "../../envs/evaluate.yaml"
+    params:
+        experiments=list(config["experiments"]),
+        cfg=as_json(config["evaluate"]["bootstrap"]),  # the evaluate rule's bootstrap
     shell:
         "python -m pipeline.report_samples chart --scores {input} --experiments {params.experiments}"
         " --params-json {params.cfg} --out {output.png} > {log} 2>&1"

@@ -7,13 +7,13 @@ SEG_MASKS = f"{RES}/segment/masks/shard-{{shard}}"
 SEG_SAT_RAW = f"{RES}/segment/sat/shard-{{shard}}"
 # the segment jobs' settings: the section with only the chosen backend's parameters (another backend's
 # change does not rerun them)
-SEG_SETTINGS = without(SEG, "sat", "totalsegmentator") | {k: SEG[k] for k in ("sat", "totalsegmentator") if k == SEG_BACKEND}
+SEG_SETTINGS = without(SEG, "sat", "totalsegmentator") | {
+    k: SEG[k] for k in ("sat", "totalsegmentator") if k == SEG_BACKEND
+}
 
 if SEG_BACKEND == "sat":
 
     rule sat_input:
-        wildcard_constraints:
-            shard=r"\d+",
         input:
             manifest=f"{RES}/cohort.parquet",
             table=repo_file(config["regions_table"]),
@@ -23,6 +23,8 @@ if SEG_BACKEND == "sat":
             f"{RES}/logs/sat_input/shard-{{shard}}.log",
         benchmark:
             f"{RES}/benchmarks/sat_input/shard-{{shard}}.tsv"
+        wildcard_constraints:
+            shard=r"\d+",
         conda:
             "../../envs/pipeline.yaml"
         shell:
@@ -30,12 +32,22 @@ if SEG_BACKEND == "sat":
             " --shard {wildcards.shard} --table {input.table} --out {output} > {log} 2>&1"
 
     rule sat_inference:
-        wildcard_constraints:
-            shard=r"\d+",
         input:
             f"{RES}/segment/sat/shard-{{shard}}.jsonl",
         output:
             directory(SEG_SAT_RAW),
+        log:
+            f"{RES}/logs/sat_inference/shard-{{shard}}.log",
+        benchmark:
+            f"{RES}/benchmarks/sat_inference/shard-{{shard}}.tsv"
+        wildcard_constraints:
+            shard=r"\d+",
+        conda:
+            "../../envs/sat.yaml"
+        threads: 4
+        resources:
+            gpu=SEG["sat"]["gpus"],
+            mem_mb=48000,
         params:
             checkout=SEG["sat"]["checkout"],
             checkpoint=SEG["sat"]["checkpoint"],
@@ -45,16 +57,6 @@ if SEG_BACKEND == "sat":
             max_queries=SEG["sat"]["max_queries"],
             batch=SEG["sat"]["batchsize_3d"],
             launcher=SEG["sat"]["launcher"],
-        log:
-            f"{RES}/logs/sat_inference/shard-{{shard}}.log",
-        benchmark:
-            f"{RES}/benchmarks/sat_inference/shard-{{shard}}.tsv"
-        threads: 4
-        resources:
-            gpu=SEG["sat"]["gpus"],
-            mem_mb=48000,
-        conda:
-            "../../envs/sat.yaml"
         shell:
             "out=$(realpath -m {output}); jsonl=$(realpath {input}); log=$(realpath -m {log}); cd {params.checkout} &&"
             " PYTHONPATH={params.checkout}:{params.checkout}/model/dynamic-network-architectures-main${{PYTHONPATH:+:$PYTHONPATH}}"
@@ -65,8 +67,6 @@ if SEG_BACKEND == "sat":
 
 
 rule segment:
-    wildcard_constraints:
-        shard=r"\d+",
     input:
         manifest=f"{RES}/cohort.parquet",
         table=repo_file(config["regions_table"]),
@@ -75,16 +75,18 @@ rule segment:
         table=f"{RES}/segment/shard-{{shard}}.parquet",
         qc=f"{RES}/qc/segment/shard-{{shard}}.parquet",
         masks=[directory(SEG_MASKS)] if SEG_BACKEND != "precomputed" else [],
-    params:
-        cfg=as_json(SEG_SETTINGS),
-        on_error=config["on_error"],
-        masks=f"--masks-out {SEG_MASKS}" if SEG_BACKEND != "precomputed" else "",
     log:
         f"{RES}/logs/segment/shard-{{shard}}.log",
     benchmark:
         f"{RES}/benchmarks/segment/shard-{{shard}}.tsv"
+    wildcard_constraints:
+        shard=r"\d+",
     conda:
         "../../envs/pipeline.yaml"
+    params:
+        cfg=as_json(SEG_SETTINGS),
+        on_error=config["on_error"],
+        masks=f"--masks-out {SEG_MASKS}" if SEG_BACKEND != "precomputed" else "",
     shell:
         "python -m pipeline.segment --manifest {input.manifest} --shard {wildcards.shard} --table {input.table}"
         " --params-json {params.cfg} --sat-raw {input.sat} {params.masks} --on-error {params.on_error}"
