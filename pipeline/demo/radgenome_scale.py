@@ -21,8 +21,6 @@ import argparse
 import hashlib
 import json
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import yaml
 
 from pipeline.demo.cohort import CaseSpec, synthesize_case
 from pipeline.demo.phantom import ellipsoid
+from pipeline.io import atomic_output
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TABLE = REPO / "config" / "regions.yaml"
@@ -128,9 +127,8 @@ def write_radgenome_scale_case(out_dir: Path | str, seed: int = 0, shape_xyz: Se
     spec = CaseSpec(VOLUME_ID, "train_1", "train", 0, 0, seed, (nz, ny, nx), (1.0, 1.0, 3.0))
     ct, base, meta, grid, origin = synthesize_case(spec, exact_spacing=True)
     body = ct > -500
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_output(out_dir) as tmp:
+        tmp.mkdir()
         ref = sitk.GetImageFromArray(ct)
         ref.SetSpacing(grid.spacing)
         ref.SetOrigin(origin)
@@ -148,12 +146,6 @@ def write_radgenome_scale_case(out_dir: Path | str, seed: int = 0, shape_xyz: Se
                 "origin_xyz": list(origin), "n_masks": len(names), "n_non_empty": non_empty,
                 "findings": meta["findings"]}
         (tmp / "case.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
