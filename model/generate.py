@@ -17,7 +17,6 @@ them per region, and counts texts with no section header at all and sections wri
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -180,11 +179,10 @@ def main(argv=None) -> int:
     from pipeline.evaluate.degenerate import degeneracy_columns, degenerate_block
 
     df = df.join(degeneracy_columns(df))  # empty / duplicated / repeated sections and the flag, per volume
+    from pipeline.io import write_parquet
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, out)
+    write_parquet(df, out)  # atomic: a temporary sibling renamed into place
     import json
 
     print(json.dumps({"sections": section_counts(df), "degenerate": degenerate_block(df)["note"]}), file=sys.stderr)
