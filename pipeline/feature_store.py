@@ -43,14 +43,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+
+from pipeline.io import atomic_output
 
 FEATURE_ARRAYS: tuple[str, ...] = (
     "global",
@@ -100,23 +100,19 @@ def _codec(name: str) -> Any:
     raise FeatureStoreError(f"unknown compressor {name!r} (one of {', '.join(COMPRESSORS)})")
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 class _AtomicShard:
-    """A Zarr v3 group written at a temporary path, renamed to `path` by `commit()`."""
+    """A Zarr v3 group written at a temporary path, renamed to `path` by `commit()`.
+
+    The temporary and the rename are `pipeline.io.atomic_output`'s, held open from construction to
+    `commit()` / `abort()`; the temporary keeps its fixed name (`temporary_path`).
+    """
 
     def __init__(self, path: Path | str, attrs: Mapping[str, Any]):
         self.path = Path(path)
-        self.tmp = temporary_path(self.path)
         self.attrs = dict(attrs)
         self.volume_ids: list[str] = []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _remove(self.tmp)  # the leftover of an interrupted run
+        self._output = atomic_output(self.path, temporary=temporary_path(self.path))
+        self.tmp = self._output.__enter__()  # the leftover of an interrupted run is removed here
         self.group = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
         self.group.attrs.update({**self.attrs, "complete": False})
         self._done = False
@@ -128,14 +124,14 @@ class _AtomicShard:
     def _finish(self, extra: Mapping[str, Any]) -> None:
         # `complete` is the last thing written, and the rename comes after it.
         self.group.attrs.update({**extra, "volume_ids": list(self.volume_ids), "complete": True})
-        _remove(self.path)
-        os.replace(self.tmp, self.path)
         self._done = True
+        self._output.__exit__(None, None, None)
 
     def abort(self) -> None:
         if not self._done:
-            _remove(self.tmp)
             self._done = True
+            stop = FeatureStoreError(f"{self.path}: writing aborted")
+            self._output.__exit__(FeatureStoreError, stop, None)  # removes the temporary
 
     def __enter__(self):
         return self

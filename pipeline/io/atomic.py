@@ -87,8 +87,8 @@ def atomic_output(path: Path | str, temporary: Path | str | None = None) -> Iter
     except BaseException:
         _remove(tmp)
         raise
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+    if (path.is_dir() and not path.is_symlink()) or (tmp.is_dir() and (path.exists() or path.is_symlink())):
+        _remove(path)  # a folder cannot replace another path in one rename; a file over a file can
     os.replace(tmp, path)
 
 
