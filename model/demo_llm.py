@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,10 +92,6 @@ def build_demo_llm(
             device = "cuda" if torch.cuda.is_available() else "cpu"
         losses = pretrain(model, tokenizer, texts_list, pretrain_steps, pretrain_lr, pretrain_batch, seed, device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
     summary = {
         "vocab_size": len(tokenizer),
         "hidden_size": hidden_size,
@@ -110,9 +105,12 @@ def build_demo_llm(
         "pretrain_loss_first": losses[0] if losses else None,
         "pretrain_loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
     }
-    (tmp / "demo_llm.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    from pipeline.io import atomic_output
+
+    with atomic_output(out) as tmp:  # a folder renamed into place when complete
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "demo_llm.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return out
 
 
