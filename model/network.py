@@ -524,14 +524,14 @@ class MedRegionCT(nn.Module):
             for k, v in self.state_dict().items()
             if k.startswith(("connector.", "mask_extractor."))
         }
-        tmp = out / (WEIGHTS_NAME + ".tmp")
-        save_file(own, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / WEIGHTS_NAME)
+        from pipeline.io import atomic_output
+
+        with atomic_output(out / WEIGHTS_NAME) as tmp:
+            save_file(own, str(tmp), metadata={"format": "pt"})
         cfg = self.config.to_dict()
         cfg["llm_path"] = _portable_path(self.config.llm_path, out)
-        tmp = out / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out / CONFIG_NAME)
+        with atomic_output(out / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def from_pretrained(

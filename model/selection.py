@@ -89,17 +89,16 @@ class BestWeights:
             return False
         from safetensors.torch import save_file
 
-        self.folder.mkdir(parents=True, exist_ok=True)
+        from pipeline.io import atomic_output
+
         # weights, then the record; each replaced atomically. The weights carry their step, so a pair
         # left mismatched by a kill between the two replaces is recognised
-        tmp = self.folder / (WEIGHTS_FILE + ".tmp")
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp),
-                  metadata={"step": str(info.get("step"))})
-        os.replace(tmp, self.folder / WEIGHTS_FILE)
+        with atomic_output(self.folder / WEIGHTS_FILE) as tmp:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp),
+                      metadata={"step": str(info.get("step"))})
         self.record = {"score": float(score), **info}
-        tmp = self.folder / (RECORD_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.record, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.folder / RECORD_FILE)
+        with atomic_output(self.folder / RECORD_FILE) as tmp:
+            tmp.write_text(json.dumps(self.record, indent=2) + "\n", encoding="utf-8")
         return True
 
     def state(self) -> dict[str, torch.Tensor]:
