@@ -63,7 +63,7 @@ def _command(stage: str, data: Path, res: Path) -> list[str]:
         return [*py, "pipeline.regions", "--manifest", m, "--shard", "0", "--segment", str(res / "segment/shard-0.parquet"),
                 "--table", str(REPO / "config" / "regions.yaml"), "--out", str(res / "masks/shard-0.zarr"),
                 "--qc", str(res / "qc/regions/shard-0.parquet"), "--pictures", str(res / "qc/regions/shard-0"),
-                "--n-pictures", "1", "--threads", "1"]
+                "--params-json", '{"qc_pictures": 1}', "--threads", "1"]
     if stage == "attributes":
         return [*py, "pipeline.attributes", "--masks", str(res / "masks/shard-0.zarr"),
                 "--out", str(res / "attributes/shard-0.parquet"), "--qc", str(res / "qc/attributes/shard-0.parquet")]

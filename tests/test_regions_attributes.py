@@ -124,7 +124,7 @@ def test_fast_path_equals_simpleitk_path_with_threads(tmp_path: Path, monkeypatc
     again = regions.merge_volume("v", ct, tmp_path / "seg", TABLE, threads=1)  # pooled buffers were cleared
     grid = regions.read_ct_grid(ct, "v")
     grid.nifti_key = None  # forces every file through SimpleITK
-    monkeypatch.setattr(regions, "read_ct_grid", lambda *a, **k: grid)
+    monkeypatch.setattr(regions.merge, "read_ct_grid", lambda *a, **k: grid)
     slow = regions.merge_volume("v", ct, tmp_path / "seg", TABLE)
     assert (fast.labels == slow.labels).all() and (again.labels == slow.labels).all()
     assert fast.boxes == slow.boxes
@@ -436,10 +436,10 @@ def test_zlib_fallback_without_libdeflate(tmp_path: Path, monkeypatch: pytest.Mo
 
     ct, mask_dir = _case(tmp_path)
     monkeypatch.setattr(io, "_SPARSE", None)  # the libdeflate path, not the sparse inflater
-    monkeypatch.setattr(regions, "_POOL", {})
+    monkeypatch.setattr(regions.workspace, "_POOL", {})
     with_libdeflate = regions.merge_volume("v1", ct, mask_dir, TABLE)
     monkeypatch.setattr(io, "_LIBDEFLATE", None)
-    monkeypatch.setattr(regions, "_POOL", {})  # fresh workspaces: their inflaters use zlib
+    monkeypatch.setattr(regions.workspace, "_POOL", {})  # fresh workspaces: their inflaters use zlib
     without = regions.merge_volume("v1", ct, mask_dir, TABLE)
     assert (with_libdeflate.labels == without.labels).all()
     path = mask_dir / "lung nodule.nii.gz"

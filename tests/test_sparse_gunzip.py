@@ -146,7 +146,7 @@ def test_regions_merge_is_the_same_with_sparse_libdeflate_and_zlib(tmp_path: Pat
             monkeypatch.setattr(io, "_SPARSE", None)
         if decoder == "zlib":
             monkeypatch.setattr(io, "_LIBDEFLATE", None)
-        monkeypatch.setattr(regions, "_POOL", {})  # fresh workspaces for this decoder
+        monkeypatch.setattr(regions.workspace, "_POOL", {})  # fresh workspaces for this decoder
         runs[decoder] = regions.merge_volume("v", ct, tmp_path / "seg", TABLE, threads=2)
     for decoder in ("libdeflate", "zlib"):
         assert (runs[decoder].labels == runs["sparse"].labels).all()
