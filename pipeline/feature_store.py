@@ -20,9 +20,9 @@ L levels, s representative slices):
     mask_present   bool    (M,)          False where the mask is empty (stored as 0 / 1)
 
 Why one packed array rather than six: reading a sample is then one file read and one decode. Six
-compressed arrays per volume read at ~130 samples/s through zarr's API (anchors.md); the packed chunk,
-read with one `open/readinto` and decoded by the codec named in the array's own `zarr.json`, reads at
-several thousand samples/s on one core (benchmarks/features_reader.py). The store stays an ordinary
+compressed arrays per volume read at ~130 samples/s through zarr's API; the packed chunk, read with
+one `open/readinto` and decoded by the codec named in the array's own `zarr.json`, reads at several
+thousand samples/s on one core (both measured by benchmarks/features_reader.py). The store stays an ordinary
 Zarr v3 group: `zarr.open_group(path)["packed"][i]` is volume i, and any layout the fast path does not
 know (another codec, sharding) is read through zarr's API instead.
 
