@@ -1,5 +1,4 @@
-"""The CT's grid from its header alone (no voxels read), and the memory a merge of it needs.
-"""
+"""The CT's grid from its header alone (no voxels read), and the memory a merge of it needs."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""QC pictures: axial and coronal CT slices of sampled volumes with the region and lesion overlays.
-"""
+"""QC pictures: axial and coronal CT slices of sampled volumes with the region and lesion overlays."""
 
 from __future__ import annotations
 
