@@ -72,7 +72,8 @@ def atomic_output(path: Path | str, temporary: Path | str | None = None) -> Iter
     look for (the feature store's `.shard-<k>.zarr.tmp`). It must be a sibling of `path` (same file
     system, so the rename is atomic). Whatever is there on entry is the leftover of an interrupted
     run and is removed; only the process that enters `atomic_output` renames or removes it, so other
-    writers into it must finish before that process leaves the block. By default the temporary is
+    writers into it must write between that process's entry and its exit (the caller synchronises,
+    e.g. a barrier after entering and one before leaving the block). By default the temporary is
     `atomic_path(path)`, which holds this process's id.
     """
     path = Path(path)
