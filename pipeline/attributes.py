@@ -389,6 +389,10 @@ class AttributesSettings:
 
     min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3
 
+    def __post_init__(self) -> None:
+        # a float however the JSON wrote it (10 or 10.0): the table's metadata records str(min_lesion_mm3)
+        object.__setattr__(self, "min_lesion_mm3", float(self.min_lesion_mm3))
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.attributes", description=__doc__,

@@ -170,20 +170,23 @@ def build_own_manifest(table: Path, shard_size: int, dicom_dir: Path, require_ma
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--adapter", choices=["radgenome", "manifest"], default="radgenome")
+    ap = argparse.ArgumentParser(prog="python -m pipeline.cohort", description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--adapter", choices=["radgenome", "manifest"], default="radgenome",
+                    help="radgenome: RadGenome / CT-RATE layout (also the demo's); manifest: the own-data table")
     ap.add_argument("--volumes-dir", type=Path, help="radgenome: the volumes folder")
     ap.add_argument("--masks-dir", type=Path, help="radgenome: the SAT masks folder")
     ap.add_argument("--reports-csv", type=Path, nargs="+", help="radgenome: CT-RATE report CSVs")
-    ap.add_argument("--splits-csv", type=Path)
-    ap.add_argument("--validation-fraction", type=float, default=0.15)
+    ap.add_argument("--splits-csv", type=Path, help="radgenome: VolumeName, split table (default: by prefix and hash)")
+    ap.add_argument("--validation-fraction", type=float, default=0.15,
+                    help="radgenome without --splits-csv: share of training patients held out for validation")
     ap.add_argument("--table", type=Path, help="manifest: the own-data table (.csv / .parquet)")
     ap.add_argument("--dicom-dir", type=Path, help="manifest: where DICOM rows were converted (dicom_import)")
     ap.add_argument("--require-masks", action="store_true", help="manifest: every row must give masks")
     ap.add_argument("--truth-dir", type=Path, help="manifest: where region_report.csv and labels.csv go")
-    ap.add_argument("--shard-size", type=int, required=True)
+    ap.add_argument("--shard-size", type=int, required=True, help="volumes per shard (config shard_size)")
     ap.add_argument("--expect-volumes", type=int, help="volume count the workflow planned its shards for")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="the cohort manifest (.parquet)")
     args = ap.parse_args(argv)
     log = setup_logging()
     if args.adapter == "manifest":

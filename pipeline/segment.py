@@ -197,6 +197,7 @@ class SegmentSettings:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"segmentation.backend {self.backend!r} is not one of {BACKENDS}")
+        object.__setattr__(self, "memory_cap_gb", float(self.memory_cap_gb))  # 8 or 8.0 in the JSON
 
 
 def main(argv: Sequence[str] | None = None) -> None:
