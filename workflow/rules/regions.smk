@@ -1,3 +1,4 @@
+# Regions stage (pipeline/regions): one bit-packed channel array per volume, a QC table and overlay pictures.
 rule regions:
     input:
         manifest=f"{RES}/cohort.parquet",
@@ -30,13 +31,15 @@ rule regions:
     resources:
         mem_mb=4000,
     params:
+        cfg=as_json(
+            {
+                "qc_pictures": config["regions"]["qc_pictures"],
+                "decoder": config["regions"]["decoder"],
+                "memory_cap_gb": config["segmentation"]["memory_cap_gb"],
+            }
+        ),
         on_error=config["on_error"],
-        cap=config["segmentation"]["memory_cap_gb"],
-        pictures=config["regions"]["qc_pictures"],
-        decoder=config["regions"]["decoder"],
     shell:
         "python -m pipeline.regions --manifest {input.manifest} --shard {wildcards.shard} --segment {input.segment}"
         " --table {input.table} --out {output.masks} --qc {output.qc} --pictures {output.pictures}"
-        " --n-pictures {params.pictures} --memory-cap-gb {params.cap} --on-error {params.on_error}"
-        " --decoder {params.decoder}"
-        " --threads {threads} > {log} 2>&1"
+        " --params-json {params.cfg} --on-error {params.on_error} --threads {threads} > {log} 2>&1"
