@@ -25,6 +25,7 @@ from pipeline.evaluate.judge import JudgeSettings
 from pipeline.evaluate.run import BootstrapSettings, EvaluateSettings, LabelerSettings
 from pipeline.features.config import FeatureConfig
 from pipeline.features.stage import DemoEncoderSettings
+from pipeline.regions import RegionsSettings
 from pipeline.report_samples import SamplesSettings
 from pipeline.segment import SegmentSettings
 from pipeline.stage_config import SettingsError, parse_settings
@@ -119,6 +120,7 @@ def _plain(value):
 STAGE_SETTINGS = [
     (AttributesSettings, "attributes", {}),
     (SegmentSettings, "segmentation", {}),
+    (RegionsSettings, "regions", {"memory_cap_gb": "segmentation.memory_cap_gb"}),
     (DemoCohortSettings, "dataset.demo", {}),
     (DemoEncoderSettings, "features.encoder", {"channel_windows": "features.channel_windows"}),
     (DemoLLMSettings, "llm", {}),
