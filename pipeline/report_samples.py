@@ -222,7 +222,7 @@ class SamplesSettings:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.report_samples", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, help="samples | chart")
     s = sub.add_parser("samples", help="an HTML page of sampled generated reports of one experiment")
     s.add_argument("--predictions", type=Path, required=True, help="the experiment's predictions.parquet")
     s.add_argument("--references", type=Path, required=True, help="results/reports/test.parquet")

@@ -390,7 +390,8 @@ def add_scoring_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--wordnet", type=Path, default=None,
                     help="folder with WordNet 3.0's database files for 'METEOR evaluate' (default: Debian's "
                          "wordnet-base folder, 'not run' when absent; a folder given here must exist)")
-    ap.add_argument("--bootstrap-resamples", type=int, default=bootstrap.DEFAULT_RESAMPLES)
+    ap.add_argument("--bootstrap-resamples", type=int, default=bootstrap.DEFAULT_RESAMPLES,
+                    help="bootstrap resamples of the 95 %% CIs")
     ap.add_argument("--seed", type=int, default=bootstrap.DEFAULT_SEED, help="bootstrap seed")
 
 

@@ -339,7 +339,7 @@ class DemoEncoderSettings:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.features", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, help="encode | pool | demo-encoder")
     enc = sub.add_parser("encode", help="encode one shard")
     enc.add_argument("--manifest", type=Path, required=True, help="the cohort manifest (.parquet)")
     enc.add_argument("--shard", type=int, required=True, help="the shard to encode")
