@@ -6,7 +6,7 @@ Backends (config `segmentation.backend`):
   (`<name>.nii.gz`: RadGenome-Chest CT's / SAT's names, as the demo, or TotalSegmentator's names, as
   its default output) or one multi-label map file (TotalSegmentator `--ml` output) whose class names
   come from the manifest's `mask_label_names` (an `id<TAB>name` TSV or a JSON {id: name}; the column
-  may be absent for folders). The vocabulary is `segmentation.vocabulary` (`--vocabulary`), or with
+  may be absent for folders). The vocabulary is `segmentation.vocabulary` (in `--params-json`), or with
   `auto` the one of the label table that knows most of the names; a volume whose names are mostly
   unknown to it fails (`pipeline.regions.check_known`), naming them.
 - `sat`: SAT's raw output for the shard (written by the `sat_inference` rule, SAT's own environment)

@@ -47,7 +47,8 @@ HOW_TO_GET = (
     "    hf download microsoft/rad-dino --local-dir /data/models/rad-dino\n"
     "(older clients: `huggingface-cli download microsoft/rad-dino --local-dir ...`), copy the folder here "
     "and set features.encoder.path to it (config/radgenome.yaml). For cost benchmarks without the weights: "
-    "`python -m pipeline.features demo-encoder --out DIR --hidden-size 768 --layers 12 --heads 12`."
+    "`python -m pipeline.features demo-encoder --out DIR --params-json '{\"demo_hidden_size\": 768, "
+    "\"demo_layers\": 12}' --heads 12`."
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
