@@ -253,7 +253,7 @@ def launch_flags():
         ("machines", "--machines"),
         ("main_process_port", "--main-process-port"),
     ):
-        if t.get(key) is not None:
+        if t[key] is not None:
             flags += [flag, str(t[key])]
     return " ".join(shlex.quote(f) for f in flags)
 
@@ -264,7 +264,7 @@ def train_gpus():
 
     t = config["train"]
     return gpus_per_machine(
-        repo_file(t["accelerate_config"]), t.get("processes"), t.get("machines")
+        repo_file(t["accelerate_config"]), t["processes"], t["machines"]
     )
 
 
