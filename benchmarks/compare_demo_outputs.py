@@ -8,7 +8,8 @@ into one folder and with the new code into another, then
 Parquet tables are compared as tables (same columns, dtypes and values), Zarr stores array by array
 (values, shapes, dtypes) and by their attributes, JSON by value, everything else byte for byte. What
 runs can legitimately differ in is left out and listed: Snakemake's bookkeeping, rule logs and
-benchmark timings, and the per-run timing fields named in TIMING_KEYS. Prints one line per
+benchmark timings, the per-run timing fields named in TIMING_KEYS, process ids and host names, and
+the order of lists their writer keeps in no order (UNORDERED_KEYS). Prints one line per
 category and every difference; exits 1 if any compared output differs or exists on one side only.
 """
 
@@ -30,12 +31,18 @@ import pandas as pd
 RUN_RECORD_DIRS = ("logs", "benchmarks")
 RUN_RECORD_NAMES = (".snakemake_timestamp",)
 # Keys / columns that hold wall-clock measurements or dates (compared nowhere).
-TIMING_KEYS = ("seconds", "elapsed", "wall_s", "time_s", "duration", "timestamp", "created", "started", "finished")
+TIMING_KEYS = ("seconds", "elapsed", "duration", "timestamp", "created", "started", "finished")
+TIMING_SUFFIXES = ("_s",)  # wall_s, loop_s, tokens_per_s
+# Keys that name the process or machine a run had, not what it computed.
+RUN_IDENTITY_KEYS = ("pid", "host")
+# Lists that their writer stores in no fixed order (PEFT writes LoRA's target_modules from a set).
+UNORDERED_KEYS = ("target_modules",)
 
 
 def is_timing_key(name: str) -> bool:
     lower = name.lower()
-    return any(k in lower for k in TIMING_KEYS)
+    return (any(k in lower for k in TIMING_KEYS) or lower.endswith(TIMING_SUFFIXES)
+            or lower in RUN_IDENTITY_KEYS)
 
 
 def output_items(root: Path) -> dict[str, Path]:
@@ -74,7 +81,8 @@ def differences_parquet(a: Path, b: Path) -> list[str]:
 def _plain(value: Any) -> Any:
     """JSON-like value with timing keys dropped and NaN made comparable."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items() if not is_timing_key(str(k))}
+        return {k: sorted(map(str, v)) if k in UNORDERED_KEYS and isinstance(v, list) else _plain(v)
+                for k, v in value.items() if not is_timing_key(str(k))}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, float) and math.isnan(value):
@@ -90,6 +98,15 @@ def differences_json(a: Path, b: Path) -> list[str]:
         keys = sorted(k for k in set(va) | set(vb) if va.get(k) != vb.get(k))
         return [f"keys differ: {', '.join(map(str, keys))}"]
     return ["values differ"]
+
+
+def differences_jsonl(a: Path, b: Path) -> list[str]:
+    """One JSON record per line (training logs): compared record by record, timings left out."""
+    ra, rb = (a.read_text(encoding="utf-8").splitlines(), b.read_text(encoding="utf-8").splitlines())
+    if len(ra) != len(rb):
+        return [f"{len(ra)} records != {len(rb)} records"]
+    bad = [i for i, (x, y) in enumerate(zip(ra, rb)) if _plain(json.loads(x)) != _plain(json.loads(y))]
+    return [f"{len(bad)} of {len(ra)} records differ (first: line {bad[0] + 1})"] if bad else []
 
 
 def differences_zarr(a: Path, b: Path) -> list[str]:
@@ -126,7 +143,8 @@ def differences_bytes(a: Path, b: Path) -> list[str]:
 def kind(name: str) -> str:
     if name.endswith(".zarr"):
         return "zarr"
-    return {".parquet": "parquet", ".json": "json"}.get(Path(name).suffix, Path(name).suffix.lstrip(".") or "other")
+    suffix = Path(name).suffix
+    return {".parquet": "parquet", ".json": "json", ".jsonl": "jsonl"}.get(suffix, suffix.lstrip(".") or "other")
 
 
 def compare(old: Path, new: Path) -> tuple[Counter, Counter, list[str]]:
@@ -139,7 +157,8 @@ def compare(old: Path, new: Path) -> tuple[Counter, Counter, list[str]]:
             different[k] += 1
             messages.append(f"{name}: only in {'old' if name in items_a else 'new'}")
             continue
-        check = {"parquet": differences_parquet, "json": differences_json, "zarr": differences_zarr}.get(k, differences_bytes)
+        check = {"parquet": differences_parquet, "json": differences_json, "jsonl": differences_jsonl,
+                 "zarr": differences_zarr}.get(k, differences_bytes)
         diffs = check(items_a[name], items_b[name])
         if diffs:
             different[k] += 1
@@ -160,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:<10}{equal[k]:>8}{different[k]:>11}")
     print(f"{'all':<10}{sum(equal.values()):>8}{sum(different.values()):>11}")
     print(f"(left out: {', '.join(RUN_RECORD_DIRS)}/ and {', '.join(RUN_RECORD_NAMES)}; fields named like "
-          f"{', '.join(TIMING_KEYS)})")
+          f"{', '.join(TIMING_KEYS)} or ending in {', '.join(TIMING_SUFFIXES)}; {', '.join(RUN_IDENTITY_KEYS)})")
     for m in messages:
         print("DIFF", m)
     return 1 if different else 0
