@@ -517,7 +517,7 @@ def test_feature_norm_standardises_with_training_statistics_and_is_saved(tiny, t
 def test_stage1_folder_written_before_a_new_config_field_still_starts_stage2(tiny, tmp_path):
     """A stage-1 folder whose medregion_config.json predates a field (here feature_norm) was trained
     with that field's default: accepted; one trained with another value is refused, naming it."""
-    from model.train import check_init
+    from model.train import TrainConfigError, check_init
 
     saved = make_config(tiny, stage=1).to_dict()
     saved.pop("feature_norm")
@@ -525,7 +525,7 @@ def test_stage1_folder_written_before_a_new_config_field_still_starts_stage2(tin
     check_init(tmp_path, make_config(tiny, stage=2))
     saved["feature_norm"] = True
     (tmp_path / CONFIG_NAME).write_text(json.dumps(saved), encoding="utf-8")
-    with pytest.raises(SystemExit, match="feature_norm: True -> False"):
+    with pytest.raises(TrainConfigError, match="feature_norm: True -> False"):
         check_init(tmp_path, make_config(tiny, stage=2))
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.selection import RECORD_FILE, WEIGHTS_FILE, BestWeights, macro_ca_f1, reference_texts, report_text
-from model.train import resolve_params
+from model.train import TrainConfigError, resolve_params
 from pipeline.constants import REGIONS
 
 
@@ -97,6 +97,6 @@ def test_state_refuses_weights_of_another_step(tmp_path):
     ({"select_every": 1.5}, "select_every must be"),
 ])
 def test_trainer_refuses_bad_selection_parameters(bad, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(TrainConfigError, match=message):
         resolve_params(2, json.dumps(bad))
     assert resolve_params(2, json.dumps({"select_by": "val_ca_f1", "select_every": 3}))["select_every"] == 3

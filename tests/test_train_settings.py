@@ -77,7 +77,7 @@ def test_bad_settings_raise_a_train_config_error():
         parse_train_settings(1, "[1, 2]")
     with pytest.raises(TrainConfigError, match="select_by must be one of"):
         parse_train_settings(2, {"select_by": "bleu"})
-    with pytest.raises(SystemExit, match="did you mean 'lr'"):  # the CLI's form
+    with pytest.raises(TrainConfigError, match="did you mean 'lr'"):
         resolve_params(2, json.dumps({"lrr": 1e-3}))
 
 
