@@ -23,6 +23,7 @@ from pipeline.demo.cohort import DemoCohortSettings
 from pipeline.evaluate.green import GreenSettings
 from pipeline.evaluate.judge import JudgeSettings
 from pipeline.evaluate.run import BootstrapSettings, EvaluateSettings, LabelerSettings
+from pipeline.evaluate.table import AblationTableSettings
 from pipeline.features.config import FeatureConfig
 from pipeline.features.stage import DemoEncoderSettings
 from pipeline.regions import RegionsSettings
@@ -130,6 +131,7 @@ STAGE_SETTINGS = [
     (BootstrapSettings, "evaluate.bootstrap", {}),
     (LabelerSettings, "evaluate.labeler", {}),
     (EvaluateSettings, "evaluate", {}),
+    (AblationTableSettings, "evaluate", {}),
     (GreenSettings, "evaluate.green", {}),
     (JudgeSettings, "evaluate.judge", {}),
     (GgufImportSettings, "llm", {}),

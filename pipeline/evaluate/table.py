@@ -3,7 +3,7 @@
     python -m pipeline.evaluate.table --metrics a.json b.json ... --out-dir results/tables \
         [--scores a/scores.parquet b/scores.parquet ... --baseline full --bootstrap-resamples 1000 --seed 0]
 
-Writes (each atomically: temp file + os.replace):
+Writes (each atomically, through pipeline.io.atomic_output):
   * ``ablation.csv`` / ``ablation.md``: rows = experiments in the order given; columns = the paper's
     Table 1 (BLEU-4, ROUGE-L, METEOR, CA-F1, GREEN, LLM judge), each named with its averaging, METEOR and
     BLEU-4 in both variants because papers mix them. The markdown ends with the implementation behind
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +37,9 @@ import pandas as pd
 from pipeline.constants import CTRATE_CLASSES
 from pipeline.evaluate import bootstrap
 from pipeline.evaluate.degenerate import MARKER, is_marked, table_columns, table_note
+from pipeline.evaluate.run import BootstrapSettings
+from pipeline.io import atomic_output
+from pipeline.stage_config import SettingsError, parse_settings
 
 NOT_RUN = "not run"
 NA = "n/a"
@@ -69,17 +72,9 @@ PAIRED: dict[str, tuple[str, ...]] = {
 
 
 def _atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the temp file onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Call ``write(tmp_path)``, then rename the temporary onto ``path`` (pipeline.io.atomic_output)."""
+    with atomic_output(path) as tmp:
+        write(str(tmp))
 
 
 def _cell(entry: dict | None, key: str = "value"):
@@ -364,6 +359,20 @@ def write_tables(df: pd.DataFrame, impls: dict[str, str], out_dir: Path, metrics
     return paths
 
 
+@dataclass(frozen=True)
+class AblationTableSettings:
+    """The ablation table's settings: `evaluate.baseline` (the experiment the others are compared with,
+    by a paired bootstrap) and `evaluate.bootstrap` (its resamples and seed)."""
+
+    baseline: str = "full"
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bootstrap, Mapping):
+            object.__setattr__(self, "bootstrap", parse_settings(BootstrapSettings, self.bootstrap,
+                                                                 section="evaluate.bootstrap"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate.table", description=__doc__.split("\n\n")[0])
     ap.add_argument("--metrics", nargs="+", required=True, type=Path,
@@ -372,17 +381,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder for ablation.csv/.md/.png and ca_per_class.csv/.md")
     ap.add_argument("--scores", nargs="*", default=[], type=Path,
                     help="each experiment's scores.parquet, in the order of --metrics (paired comparison)")
-    ap.add_argument("--baseline", default="full", help="experiment the others are compared with (paired bootstrap)")
-    ap.add_argument("--bootstrap-resamples", type=int, default=bootstrap.DEFAULT_RESAMPLES,
-                    help="resamples of the paired bootstrap (default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=bootstrap.DEFAULT_SEED, help="bootstrap seed (default: %(default)s)")
+    ap.add_argument("--params-json", default="{}",
+                    help='AblationTableSettings as JSON, e.g. \'{"baseline": "full", "bootstrap": {"resamples": 1000, '
+                         '"seed": 0}}\' (default: {})')
     args = ap.parse_args(argv)
+    try:
+        settings = parse_settings(AblationTableSettings, args.params_json, section="evaluate")
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.scores and len(args.scores) != len(args.metrics):
         print(f"error: {len(args.scores)} --scores files for {len(args.metrics)} --metrics files", file=sys.stderr)
         return 2
     df, impls, loaded = build_table(args.metrics)
     scores = {m["experiment"]: pd.read_parquet(p) for m, p in zip(loaded, args.scores)} if args.scores else None
-    paths = write_tables(df, impls, args.out_dir, loaded, scores, args.baseline, args.bootstrap_resamples, args.seed)
+    paths = write_tables(df, impls, args.out_dir, loaded, scores, settings.baseline, settings.bootstrap.resamples,
+                         settings.bootstrap.seed)
     print(Path(paths[1]).read_text(encoding="utf-8"), end="")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

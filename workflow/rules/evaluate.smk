@@ -157,10 +157,7 @@ rule ablation_table:
     params:
         out_dir=lambda wildcards, output: Path(output.csv).parent,
         # the paired comparison is against the baseline experiment (`full`, the paper's model)
-        baseline=EVAL["baseline"],
-        resamples=EVAL["bootstrap"]["resamples"],
-        seed=EVAL["bootstrap"]["seed"],
+        cfg=as_json({"baseline": EVAL["baseline"], "bootstrap": EVAL["bootstrap"]}),
     shell:
         "python -m pipeline.evaluate.table --metrics {input.metrics} --scores {input.scores}"
-        " --out-dir {params.out_dir} --baseline {params.baseline:q} --bootstrap-resamples {params.resamples}"
-        " --seed {params.seed} > {log} 2>&1"
+        " --out-dir {params.out_dir} --params-json {params.cfg} > {log} 2>&1"
