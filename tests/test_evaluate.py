@@ -295,7 +295,7 @@ def test_cli_end_to_end(tmp_path, shared_meteor, capsys):
     printed = capsys.readouterr().out
     assert "CA-F1" in printed and "not run" in printed  # GREEN and judge are not configured
     assert m["experiment"] == "ours" and m["n_volumes"] == 3
-    assert not list(out.parent.glob("*.tmp"))
+    assert not list(out.parent.glob("*.tmp*"))  # atomic_output's .<name>.tmp-<pid>
     rep = m["nlg"]["report"]
     assert set(rep) == set(METRIC_KEYS)
     for name, entry in rep.items():

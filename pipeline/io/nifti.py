@@ -331,7 +331,7 @@ def check_memory(reader: sitk.ImageFileReader, path: Path | str, volume_id: str,
     if need > cap_bytes:
         raise InputError(f"volume {volume_id}: {path} has {'x'.join(map(str, reader.GetSize()))} voxels: about "
                          f"{need / 2**30:.1f} GiB to process, over the memory cap of {cap_bytes / 2**30:.1f} GiB "
-                         "(config regions.memory_cap_gb); refused before reading")
+                         "(config segmentation.memory_cap_gb); refused before reading")
 
 
 def nifti_voxels(path: Path | str, volume_id: str) -> np.ndarray | None:

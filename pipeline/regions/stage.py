@@ -53,7 +53,7 @@ class RegionsSettings:
             raise ValueError(f"regions.decoder {self.decoder!r} is not one of {', '.join(DECODERS)}")
         if isinstance(self.memory_cap_gb, bool) or not isinstance(self.memory_cap_gb, (int, float)) \
                 or not self.memory_cap_gb >= 0:
-            raise ValueError(f"regions.memory_cap_gb must be a number >= 0 (0: no cap), not {self.memory_cap_gb!r}")
+            raise ValueError(f"segmentation.memory_cap_gb must be a number >= 0 (0: no cap), not {self.memory_cap_gb!r}")
         object.__setattr__(self, "memory_cap_gb", float(self.memory_cap_gb))  # 8 or 8.0 in the JSON
 
 

@@ -273,7 +273,7 @@ def train_params(stage):
         # train.log_with (a tracker such as tensorboard) applies to both stages; unset, the command is unchanged
         tracker = (
             {"log_with": config["train"]["log_with"]}
-            if config["train"].get("log_with")
+            if config["train"]["log_with"]
             else {}
         )
         return as_json(
