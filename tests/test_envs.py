@@ -100,4 +100,5 @@ def test_every_rule_names_an_existing_env_file() -> None:
 def test_jobs_find_the_project_without_installing_it() -> None:
     """The Snakefile puts the repository on PYTHONPATH for every job (what lets the envs skip `pip install -e`)."""
     snakefile = (REPO / "Snakefile").read_text(encoding="utf-8")
-    assert re.search(r'shell\.prefix\(.*PYTHONPATH=" \+ workflow\.basedir', snakefile)
+    # snakefmt writes it as an f-string: f"...PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}..."
+    assert re.search(r'shell\.prefix\(\s*f"[^"]*export PYTHONPATH=\{workflow\.basedir\}\$\{\{\{\{PYTHONPATH', snakefile)
