@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.constants import REGIONS
-from pipeline.stage_config import SettingsError, parse_settings
+from pipeline.stage_config import SettingsError, settings_from_cli
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -247,10 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where the pre-training runs (auto: a GPU when there is one)")
     args = ap.parse_args(argv)
-    try:
-        settings = parse_settings(DemoLLMSettings, args.params_json, section="llm")
-    except SettingsError as exc:
-        ap.error(str(exc))
+    settings = settings_from_cli(ap, DemoLLMSettings, args.params_json, section="llm")
     if settings.demo_attribute_text != bool(args.attributes):
         ap.error("--attributes go with llm.demo_attribute_text: give the attribute tables exactly when it is set")
     attributes = args.attributes

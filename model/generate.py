@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from pipeline.constants import REGIONS
-from pipeline.stage_config import parse_settings
+from pipeline.stage_config import settings_from_cli
 
 
 def generate_texts(
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skipped-qc", nargs="*", default=[],
                     help="QC tables of the data stages: the volumes they skipped get no prediction (pipeline.skipped)")
     args = ap.parse_args(argv)
-    settings = parse_settings(GenerateSettings, args.params_json, section="generate")
+    settings = settings_from_cli(ap, GenerateSettings, args.params_json, section="generate")
     from pipeline.skipped import skipped_volumes
 
     df = predict(

@@ -54,7 +54,7 @@ from scipy import ndimage
 from pipeline.constants import ATTRIBUTE_STRUCTURES, CHANNELS, HEART_CHAMBERS, LESIONS, LOBES
 from pipeline.io import InputError, atomic_output, setup_logging, write_parquet
 from pipeline.regions import open_masks, read_labels, unpack_channel
-from pipeline.stage_config import parse_settings
+from pipeline.stage_config import settings_from_cli
 
 DEFAULT_MIN_LESION_MM3 = 10.0
 LOCATION_PAD = 3  # voxels of dilation before measuring overlap
@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="a bad volume stops the job (fail) or is recorded in the QC table (skip)")
     ap.add_argument("--threads", type=int, default=1, help="threads decoding a volume's mask chunks")
     args = ap.parse_args(argv)
-    settings = parse_settings(AttributesSettings, args.params_json, section="attributes")
+    settings = settings_from_cli(ap, AttributesSettings, args.params_json, section="attributes")
     run_shard(args.masks, args.out, settings.min_lesion_mm3, args.qc, args.on_error, max(1, args.threads))
 
 

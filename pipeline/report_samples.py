@@ -37,7 +37,7 @@ from pipeline.evaluate import bootstrap
 from pipeline.evaluate.degenerate import COLUMNS as DEGENERATE_COLUMNS
 from pipeline.evaluate.run import BootstrapSettings
 from pipeline.io import atomic_output, setup_logging
-from pipeline.stage_config import parse_settings
+from pipeline.stage_config import settings_from_cli
 
 REF_LABEL, PRED_LABEL = "reference label/", "prediction label/"
 
@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     log = setup_logging()
     if args.command == "samples":
-        cfg = parse_settings(SamplesSettings, args.params_json, section="report_samples")
+        cfg = settings_from_cli(ap, SamplesSettings, args.params_json, section="report_samples")
         page = samples_page(args.experiment, pd.read_parquet(args.predictions), pd.read_parquet(args.references),
                             pd.read_parquet(args.scores), cfg.n, cfg.seed)
         with atomic_output(args.out) as tmp:
@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         if len(args.scores) != len(args.experiments):
             ap.error("--scores and --experiments must have the same length")
-        boot = parse_settings(BootstrapSettings, args.params_json, section="evaluate.bootstrap")
+        boot = settings_from_cli(ap, BootstrapSettings, args.params_json, section="evaluate.bootstrap")
         data = chart({e: pd.read_parquet(p) for e, p in zip(args.experiments, args.scores)}, args.out,
                      boot.resamples, boot.seed)
         with atomic_output(args.out.with_suffix(".csv")) as tmp:

@@ -55,7 +55,7 @@ from pipeline.regions import (
     bytes_per_voxel,
     describe_masks,
 )
-from pipeline.stage_config import parse_settings
+from pipeline.stage_config import settings_from_cli
 
 BACKENDS = ("precomputed", "sat", "totalsegmentator")
 TABLE_COLUMNS = ("volume_id", "status", "error", "backend", "mask_path", "mask_format", "vocabulary",
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                     help="a bad volume stops the job (fail) or is recorded in the QC table (skip)")
     args = ap.parse_args(argv)
-    settings = parse_settings(SegmentSettings, args.params_json, section="segmentation")
+    settings = settings_from_cli(ap, SegmentSettings, args.params_json, section="segmentation")
     manifest = pd.read_parquet(args.manifest)
     if args.step == "prepare":
         if args.table is None:

@@ -2,13 +2,15 @@
 
 Every rule passes its stage's section of the (schema-validated, defaults-filled) config to the stage's
 CLI as one `--params-json` string; the stage's module turns it into a frozen dataclass with
-`parse_settings`. Unknown keys are refused with the nearest known one named, so a typo can never
-fall back silently to a default. The workflow checks the same thing before any job starts
+`parse_settings`; a CLI calls `settings_from_cli`, which turns bad settings into its usage error.
+Unknown keys are refused with the nearest known one named, so a typo can never fall back silently to
+a default. The workflow checks the same thing before any job starts
 (`pipeline.config_check.check_unknown_keys`); this is the second line, for CLIs run by hand.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -41,12 +43,17 @@ def parse_settings(cls: type[T], params: Mapping[str, Any] | str, section: str) 
     """`cls(**params)` for a dataclass `cls`, refusing keys it does not declare.
 
     `params` is the mapping or its JSON text; `section` names the config section in messages.
-    Lists become tuples where the field's default is a tuple (frozen dataclasses stay hashable).
+    Lists become tuples where the field's default is a tuple (frozen dataclasses stay hashable); a
+    field whose default is itself a settings dataclass (e.g. `evaluate.bootstrap`) is parsed the same
+    way from its sub-mapping, as `section.field`.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     if isinstance(params, str):
-        params = json.loads(params)
+        try:
+            params = json.loads(params)
+        except json.JSONDecodeError as e:
+            raise SettingsError(f"{section}: settings are not valid JSON ({e})") from None
     if not isinstance(params, Mapping):
         raise SettingsError(f"{section}: settings must be a JSON object, got {type(params).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -59,8 +66,21 @@ def parse_settings(cls: type[T], params: Mapping[str, Any] | str, section: str) 
         raise SettingsError(f"{section}: missing setting(s) {', '.join(missing)}")
     kwargs = {}
     for key, value in params.items():
-        default = fields[key].default
+        field = fields[key]
+        default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
         if isinstance(value, list) and isinstance(default, tuple):
             value = tuple(value)
+        elif isinstance(value, Mapping) and dataclasses.is_dataclass(default):
+            value = parse_settings(type(default), value, f"{section}.{key}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def settings_from_cli(parser: argparse.ArgumentParser, cls: type[T], params: str, section: str) -> T:
+    """`parse_settings` for a CLI's `--params-json`: bad settings exit through `parser.error` (status 2,
+    the usage line and the message), never as a traceback. A settings class's own value checks
+    (`__post_init__` raising ValueError) count as bad settings too."""
+    try:
+        return parse_settings(cls, params, section)
+    except (SettingsError, ValueError, TypeError) as e:
+        parser.error(f"--params-json: {e}")

@@ -72,7 +72,7 @@ from pipeline.demo.phantom import (
 )
 from pipeline.demo.report_text import compose_report
 from pipeline.io import atomic_output
-from pipeline.stage_config import SettingsError, parse_settings
+from pipeline.stage_config import SettingsError, settings_from_cli
 
 REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
 LESION_MASKS = ("lung nodule", "lung effusion", "kidney cyst", "left kidney cyst", "right kidney cyst")
@@ -448,10 +448,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="instead: one RadGenome-size volume (360 x 300 x 110 at 1 x 1 x 3 mm) with all 210 "
                          "structure files (pipeline.demo.radgenome_scale)")
     args = ap.parse_args(argv)
-    try:
-        settings = parse_settings(DemoCohortSettings, args.params_json, section="dataset.demo")
-    except SettingsError as exc:
-        ap.error(str(exc))
+    settings = settings_from_cli(ap, DemoCohortSettings, args.params_json, section="dataset.demo")
     if args.radgenome_scale:
         from pipeline.demo.radgenome_scale import write_radgenome_scale_case
 

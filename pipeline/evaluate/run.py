@@ -45,7 +45,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -447,12 +446,6 @@ class EvaluateSettings:
     wordnet: str | None = None
     labeler: LabelerSettings = field(default_factory=LabelerSettings)
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
-
-    def __post_init__(self) -> None:
-        for name, cls in (("labeler", LabelerSettings), ("bootstrap", BootstrapSettings)):
-            value = getattr(self, name)
-            if isinstance(value, Mapping):
-                object.__setattr__(self, name, parse_settings(cls, value, section=f"evaluate.{name}"))
 
 
 def main(argv: list[str] | None = None) -> int:

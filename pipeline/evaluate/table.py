@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from pipeline.evaluate import bootstrap
 from pipeline.evaluate.degenerate import MARKER, is_marked, table_columns, table_note
 from pipeline.evaluate.run import BootstrapSettings
 from pipeline.io import atomic_output
-from pipeline.stage_config import SettingsError, parse_settings
+from pipeline.stage_config import settings_from_cli
 
 NOT_RUN = "not run"
 NA = "n/a"
@@ -367,11 +366,6 @@ class AblationTableSettings:
     baseline: str = "full"
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.bootstrap, Mapping):
-            object.__setattr__(self, "bootstrap", parse_settings(BootstrapSettings, self.bootstrap,
-                                                                 section="evaluate.bootstrap"))
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate.table", description=__doc__.split("\n\n")[0])
@@ -385,11 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                     help='AblationTableSettings as JSON, e.g. \'{"baseline": "full", "bootstrap": {"resamples": 1000, '
                          '"seed": 0}}\' (default: {})')
     args = ap.parse_args(argv)
-    try:
-        settings = parse_settings(AblationTableSettings, args.params_json, section="evaluate")
-    except SettingsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    settings = settings_from_cli(ap, AblationTableSettings, args.params_json, section="evaluate")
     if args.scores and len(args.scores) != len(args.metrics):
         print(f"error: {len(args.scores)} --scores files for {len(args.metrics)} --metrics files", file=sys.stderr)
         return 2

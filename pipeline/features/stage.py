@@ -45,7 +45,7 @@ from pipeline.features.pooling import pool_tokens
 from pipeline.features.preprocess import PreparedVolume, prepare_volume
 from pipeline.io import InputError, image_array, read_image, setup_logging, write_parquet
 from pipeline.orientation import CANONICAL, reorientation
-from pipeline.stage_config import parse_settings
+from pipeline.stage_config import settings_from_cli
 
 CODE_VERSION = "features-2"
 # How a CT reaches the encoder, recorded in every cache's attributes (docs/data-and-segmentation.md)
@@ -369,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     args = ap.parse_args(argv)
     if args.command == "demo-encoder":
-        demo_cfg = parse_settings(DemoEncoderSettings, args.params_json, section="features.encoder")
+        demo_cfg = settings_from_cli(ap, DemoEncoderSettings, args.params_json, section="features.encoder")
         build_demo_encoder(args.out, demo_cfg.demo_hidden_size, demo_cfg.demo_layers, args.heads, args.seed,
                            demo_cfg.channels, demo_cfg.demo_channel_means)
         return

@@ -11,7 +11,7 @@ import pandas as pd
 
 from pipeline.regions.stage import RegionsSettings, run_shard
 from pipeline.regions.table import LabelTable
-from pipeline.stage_config import SettingsError, parse_settings
+from pipeline.stage_config import settings_from_cli
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -35,10 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="a bad volume stops the job (fail) or is recorded in the QC table (skip)")
     ap.add_argument("--threads", type=int, default=1, help="threads of this job (structure files decoded in parallel)")
     args = ap.parse_args(argv)
-    try:
-        settings = parse_settings(RegionsSettings, args.params_json, section="regions")
-    except (SettingsError, ValueError, TypeError) as exc:
-        ap.error(f"--params-json: {exc}")
+    settings = settings_from_cli(ap, RegionsSettings, args.params_json, section="regions")
     manifest = pd.read_parquet(args.manifest)
     segment = pd.read_parquet(args.segment) if args.segment else None
     qc = run_shard(manifest, args.shard, LabelTable.load(args.table), args.out, args.qc, args.on_error,
