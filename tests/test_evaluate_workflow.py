@@ -24,7 +24,11 @@ import json
 import shlex
 from pathlib import Path
 
+from pipeline.config_check import section
+
 RES = config["results"]
+# the schema's defaults, as the real Snakefile's validate fills them (this config is only a part of one)
+config["evaluate"] = section(config, "evaluate")
 
 
 def repo_file(path):

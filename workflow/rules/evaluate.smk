@@ -1,10 +1,8 @@
 # Evaluation: metrics.json per experiment (NLG, CA-F1, optional GREEN and LLM judge), then the Table-1
 # ablation table and the per-class CA table. Settings: the `evaluate:` section of the config (schema).
-from pipeline.config_check import section as config_section
 from pipeline.config_check import without
 
-# defaults filled (as the Snakefile's validate does; also when this file is included alone)
-EVAL = config_section(config, "evaluate")
+EVAL = config["evaluate"]  # defaults filled by the Snakefile's validate
 GREEN = EVAL["green"]
 JUDGE = EVAL["judge"]
 RUN_GREEN = GREEN["model"] is not None  # model null: GREEN shown as not run
