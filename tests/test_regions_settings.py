@@ -1,6 +1,6 @@
-"""The regions stage's settings: one `--params-json` object parsed into `RegionsSettings`, whose
-defaults are the config schema's; the old per-setting flags are gone; a run through the CLI writes
-what `run_shard` called directly writes."""
+"""The regions stage's settings: one `--params-json` object parsed into `RegionsSettings` (its defaults
+are the schema's: tests/test_config_flow.py checks that for every stage); the old per-setting flags are
+gone; a run through the CLI writes what `run_shard` called directly writes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from helpers import REPO, write_box_masks
 
 from pipeline import regions
@@ -18,18 +17,6 @@ from pipeline.regions import RegionsSettings
 from pipeline.stage_config import SettingsError, parse_settings
 
 TABLE = REPO / "config" / "regions.yaml"
-
-
-def test_defaults_are_the_schema_defaults() -> None:
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text(encoding="utf-8"))
-    props = schema["properties"]
-    assert RegionsSettings() == RegionsSettings(
-        qc_pictures=props["regions"]["properties"]["qc_pictures"]["default"],
-        decoder=props["regions"]["properties"]["decoder"]["default"],
-        memory_cap_gb=props["segmentation"]["properties"]["memory_cap_gb"]["default"],
-    )
-    assert RegionsSettings() == RegionsSettings(1, "auto", 8.0)
-    assert parse_settings(RegionsSettings, "{}", section="regions") == RegionsSettings()
 
 
 def test_settings_are_checked() -> None:
