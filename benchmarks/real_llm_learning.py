@@ -115,13 +115,13 @@ def main(argv=None) -> int:
     for arm in args.arms:
         out["arms"][arm] = run_arm(arm, args.keep / arm, size, args.tiny, args.cores)
         print(json.dumps(out["arms"][arm], indent=2), flush=True)
+        if args.json:  # after each arm: an arm that finished stays recorded if a later one fails
+            args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     for arm, r in out["arms"].items():
         f1 = r["ca_f1_macro_planted"]
         print(f"{arm:8s} CA-F1 {'n/a' if f1 is None else f'{f1:.3f}'}, six-region format "
               f"{r['six_region_format_share']:.0%}, {r['stage2_optimizer_steps']} stage-2 steps, "
               f"{r['workflow_minutes']:.1f} min")
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
