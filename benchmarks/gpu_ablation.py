@@ -356,6 +356,15 @@ def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: 
     wall = time.time() - t_start
     summary = {"device": gpu, "seeds": seeds, "experiments": list(plan["experiments"]), "wall_s": round(wall, 1),
                "deadline_s": deadline_s, "status": status, "timings": timings, "plan": plan}
+    pack_predictions(runs_dir, out, summary)
+    done = sum(v == "done" for k, v in status.items() if not k.endswith("demo_llm"))
+    _log(f"{done} of {len(seeds) * len(plan['experiments'])} runs done in {wall:.0f} s on {gpu}; "
+         f"{out / PREDICTIONS_FILE} ({(out / PREDICTIONS_FILE).stat().st_size / 2**20:.1f} MiB)")
+    return summary
+
+
+def pack_predictions(runs_dir: Path, out: Path, summary: dict) -> Path:
+    """`out/predictions.tar.gz` (predictions, logs, train logs, the summary) and `out/device_summary.json`."""
     out.mkdir(parents=True, exist_ok=True)
     (runs_dir / "device_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     tmp = out / f".{PREDICTIONS_FILE}.tmp"
@@ -369,9 +378,24 @@ def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: 
                     tar.add(f, arcname=str(f.relative_to(runs_dir)))
     os.replace(tmp, out / PREDICTIONS_FILE)
     shutil.copy2(runs_dir / "device_summary.json", out / "device_summary.json")
-    done = sum(v == "done" for k, v in status.items() if not k.endswith("demo_llm"))
-    _log(f"{done} of {len(seeds) * len(plan['experiments'])} runs done in {wall:.0f} s on {gpu}; "
-         f"{out / PREDICTIONS_FILE} ({(out / PREDICTIONS_FILE).stat().st_size / 2**20:.1f} MiB)")
+    return out / PREDICTIONS_FILE
+
+
+def collect(work: Path, out: Path) -> dict:
+    """Pack what a device run (its `--work` folder) has finished so far, while the rest still runs: a run
+    counts as done once its predictions.parquet exists (generation writes it atomically, last)."""
+    plan = json.loads((work / "bundle" / "plan.json").read_text(encoding="utf-8"))
+    runs_dir = work / "runs"
+    seeds = sorted(int(d.name.removeprefix("seed")) for d in runs_dir.glob("seed*") if d.is_dir())
+    if not seeds:
+        raise SystemExit(f"{runs_dir}: no seed folders: is {work} the --work folder of a device run?")
+    status = {f"seed{s}/{name}": "done" if (runs_dir / f"seed{s}" / name / "predictions.parquet").exists()
+              else "not finished when collected" for s in seeds for name in plan["experiments"]}
+    summary = {"device": "collected from a device run still going", "seeds": seeds,
+               "experiments": list(plan["experiments"]), "wall_s": None, "deadline_s": None, "status": status,
+               "timings": {}, "plan": plan}
+    path = pack_predictions(runs_dir, out, summary)
+    _log(f"collected {sum(v == 'done' for v in status.values())} of {len(status)} runs into {path}")
     return summary
 
 
@@ -604,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--work", type=Path, default=None)
     d.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="model seeds (default: the bundle's, 0 1 2)")
+    c = sub.add_parser("collect", help="pack what a device run has finished so far (its --work folder)")
+    c.add_argument("--work", type=Path, required=True, help="the --work folder of a device run")
+    c.add_argument("--out", type=Path, required=True, help="where predictions.tar.gz and device_summary.json go")
     s = sub.add_parser("score", help="CPU: metrics, paired tests, the table against the predictions")
     s.add_argument("--bundle", type=Path, required=True)
     s.add_argument("--predictions", type=Path, required=True, help="predictions.tar.gz from the device step")
@@ -622,10 +649,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.step == "device":
         summary = device(args.bundle, args.out, args.device, args.deadline_s, args.seeds, args.work)
         return 0 if all(v == "done" for v in summary["status"].values()) else 1
+    elif args.step == "collect":
+        collect(args.work, args.out)
     elif args.step == "score":
         score(args.bundle, args.predictions, args.out, args.expected, args.java)
     else:
-        ap.error("give a step (prepare, device, score) or --tiny")
+        ap.error("give a step (prepare, pack, device, collect, score) or --tiny")
     return 0
 
 

@@ -181,3 +181,39 @@ def test_runs_past_the_deadline_are_stopped_and_later_ones_not_started(tmp_path)
     assert not (tmp_path / "late.log").exists()
     fresh = ga._Runs(dict(os.environ), deadline=time.time() + 60.0)
     assert fresh.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "f.log") is False and not fresh.expired
+
+
+def test_collect_packs_the_runs_that_finished_and_marks_the_rest(tmp_path):
+    import tarfile
+
+    import pandas as pd
+
+    work = tmp_path / "work"
+    (work / "bundle").mkdir(parents=True)
+    plan = {"experiments": {"full": {}, "r2": {}}, "seeds": [0]}
+    (work / "bundle" / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+    done = work / "runs" / "seed0" / "full"
+    (done / "stage2").mkdir(parents=True)
+    pd.DataFrame({"volume_id": ["v1"], "report": ["x"]}).to_parquet(done / "predictions.parquet")
+    (done / "stage2" / "train_log.jsonl").write_text('{"step": 1}\n', encoding="utf-8")
+    (done / "stage2" / "model.safetensors").write_bytes(b"not packed")
+    running = work / "runs" / "seed0" / "r2"
+    running.mkdir(parents=True)
+    (running / "run.log").write_text("stage 2: 10%\n", encoding="utf-8")
+
+    summary = ga.collect(work, tmp_path / "out")
+
+    assert summary["status"] == {"seed0/full": "done", "seed0/r2": "not finished when collected"}
+    with tarfile.open(tmp_path / "out" / ga.PREDICTIONS_FILE) as tar:
+        names = set(tar.getnames())
+    assert {"device_summary.json", "seed0/full/predictions.parquet", "seed0/full/stage2/train_log.jsonl",
+            "seed0/r2/run.log"} <= names
+    assert "seed0/full/stage2/model.safetensors" not in names
+    assert json.loads((tmp_path / "out" / "device_summary.json").read_text())["seeds"] == [0]
+
+
+def test_collect_refuses_a_folder_without_runs(tmp_path):
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "plan.json").write_text(json.dumps({"experiments": {"full": {}}}), encoding="utf-8")
+    with pytest.raises(SystemExit, match="no seed folders"):
+        ga.collect(tmp_path, tmp_path / "out")
