@@ -13,6 +13,7 @@ Three steps, two machines (docs/ablation.md):
         --predictions <files_at>/predictions.tar.gz --out benchmarks/results/ablation_known_answer.json
 
     python benchmarks/gpu_ablation.py --tiny [--keep DIR]   # all three on CPU: 20 volumes, one epoch
+    python benchmarks/gpu_ablation.py collect --work DIR --out OUT   # pack what a long device run has finished
 
 Why a bundle and not the workflow's folders: the GPU machine has torch, transformers, peft, accelerate,
 pandas and pyarrow but neither zarr (nor numcodecs) nor SimpleITK nor snakemake, and reaches no package
