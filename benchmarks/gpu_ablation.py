@@ -385,11 +385,12 @@ def pack_predictions(runs_dir: Path, out: Path, summary: dict) -> Path:
 def collect(work: Path, out: Path) -> dict:
     """Pack what a device run (its `--work` folder) has finished so far, while the rest still runs: a run
     counts as done once its predictions.parquet exists (generation writes it atomically, last)."""
-    plan = json.loads((work / "bundle" / "plan.json").read_text(encoding="utf-8"))
-    runs_dir = work / "runs"
+    plan_path, runs_dir = work / "bundle" / "plan.json", work / "runs"
     seeds = sorted(int(d.name.removeprefix("seed")) for d in runs_dir.glob("seed*") if d.is_dir())
-    if not seeds:
-        raise SystemExit(f"{runs_dir}: no seed folders: is {work} the --work folder of a device run?")
+    if not plan_path.is_file() or not seeds:
+        missing = "bundle/plan.json" if not plan_path.is_file() else "runs/seed*"
+        raise SystemExit(f"{work}: no {missing}: is it the --work folder of a device run?")
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
     status = {f"seed{s}/{name}": "done" if (runs_dir / f"seed{s}" / name / "predictions.parquet").exists()
               else "not finished when collected" for s in seeds for name in plan["experiments"]}
     summary = {"device": "collected from a device run still going", "seeds": seeds,

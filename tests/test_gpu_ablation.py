@@ -215,5 +215,9 @@ def test_collect_packs_the_runs_that_finished_and_marks_the_rest(tmp_path):
 def test_collect_refuses_a_folder_without_runs(tmp_path):
     (tmp_path / "bundle").mkdir()
     (tmp_path / "bundle" / "plan.json").write_text(json.dumps({"experiments": {"full": {}}}), encoding="utf-8")
-    with pytest.raises(SystemExit, match="no seed folders"):
+    with pytest.raises(SystemExit, match="no runs/seed"):
+        ga.collect(tmp_path, tmp_path / "out")
+    (tmp_path / "runs" / "seed0").mkdir(parents=True)
+    (tmp_path / "bundle" / "plan.json").unlink()
+    with pytest.raises(SystemExit, match="no bundle/plan.json"):
         ga.collect(tmp_path, tmp_path / "out")

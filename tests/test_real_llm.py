@@ -421,3 +421,20 @@ def test_learning_benchmark_format_share_and_equal_steps_for_both_arms(tmp_path)
     for tiny in (True, False):
         steps = bench.steps_overlay(120, tiny)["train"]
         assert all("lr" not in s for s in steps.values())  # each arm keeps its learning rates
+
+
+def test_learning_benchmark_keeps_an_arm_that_finished_when_a_later_one_fails(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import real_llm_learning as bench
+
+    def run_arm(arm, workdir, size, tiny, cores):
+        if arm == "smollm2":
+            raise SystemExit("smollm2: the workflow failed")
+        return {"arm": arm, "ca_f1_macro_planted": 0.5, "six_region_format_share": 1.0,
+                "stage2_optimizer_steps": 3, "workflow_minutes": 0.1}
+
+    monkeypatch.setattr(bench, "run_arm", run_arm)
+    out = tmp_path / "learning.json"
+    with pytest.raises(SystemExit, match="smollm2"):
+        bench.main(["--size", "12", "--arms", "demo_lm", "smollm2", "--keep", str(tmp_path), "--json", str(out)])
+    assert list(json.loads(out.read_text())["arms"]) == ["demo_lm"]
