@@ -14,6 +14,7 @@ Three steps, two machines (docs/ablation.md):
 
     python benchmarks/gpu_ablation.py --tiny [--keep DIR]   # all three on CPU: 20 volumes, one epoch
     python benchmarks/gpu_ablation.py collect --work DIR --out OUT   # pack what a long device run has finished
+    python benchmarks/gpu_ablation.py device --work DIR --experiments r2_attr ...   # resume one, reusing what is done
 
 Why a bundle and not the workflow's folders: the GPU machine has torch, transformers, peft, accelerate,
 pandas and pyarrow but neither zarr (nor numcodecs) nor SimpleITK nor snakemake, and reaches no package
@@ -257,18 +258,53 @@ def _tail(path: Path, n: int = 1500) -> str:
         return ""
 
 
+# what each step leaves last, atomically: a later device run on the same --work folder skips the step
+DONE_MARKS = {"stage1": "stage1/medregion_config.json", "stage2": "stage2/medregion_config.json",
+              "generate": "predictions.parquet"}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _open_work(bundle: Path, work: Path) -> Path:
+    """Extract the bundle into `work` (once); a folder holding another bundle's runs is refused."""
+    digest, stamp = _sha256(bundle), work / "bundle.sha256"
+    if stamp.is_file():
+        if stamp.read_text(encoding="utf-8").strip() != digest:
+            raise SystemExit(f"{work}: holds the runs of another bundle than {bundle}; give a new --work folder")
+        return work / "bundle"
+    root = _extract(bundle, work) / "bundle"
+    stamp.write_text(digest + "\n", encoding="utf-8")
+    return root
+
+
 def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: list[int] | None = None,
-           work: Path | None = None) -> dict:
+           work: Path | None = None, experiments: list[str] | None = None) -> dict:
     """Demo LM per seed, then all (seed, experiment) runs at once; `out/predictions.tar.gz` holds what
-    finished (predictions, logs, train logs, timings) and `out/device_summary.json` the timings."""
+    finished (predictions, logs, train logs, timings) and `out/device_summary.json` the timings.
+
+    Run again on the same `work` folder, it resumes: a demo LM, stage or prediction already there is
+    reused (`DONE_MARKS`), and `experiments` restricts this run to some of the bundle's experiments."""
     t_start = time.time()
     deadline = t_start + deadline_s
     work = Path(work or tempfile.mkdtemp(prefix="gpu-ablation-device-"))
-    root = _extract(bundle, work) / "bundle"
+    work.mkdir(parents=True, exist_ok=True)
+    root = _open_work(bundle, work)
     plan = json.loads((root / "plan.json").read_text(encoding="utf-8"))
     seeds = list(seeds if seeds is not None else plan["seeds"])
+    names = list(experiments or plan["experiments"])
+    unknown = [n for n in names if n not in plan["experiments"]]
+    if unknown:
+        raise SystemExit(f"{bundle}: no experiment {', '.join(unknown)}; it has {', '.join(plan['experiments'])}")
     stand_ins = write_stand_ins(work / "stand_ins")
-    threads = max(1, (os.cpu_count() or 2) // max(1, len(seeds) * len(plan["experiments"])))
+    threads = max(1, (os.cpu_count() or 2) // max(1, len(seeds) * len(names)))
     llm_threads = max(1, (os.cpu_count() or 2) // max(1, len(seeds)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stand_ins), str(REPO)]),
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
@@ -285,13 +321,17 @@ def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: 
     timings: dict[str, dict] = {}
     status: dict[str, str] = {}
     gpu = _gpu_name(device_name)
-    _log(f"device {gpu}; {len(seeds)} seeds x {len(plan['experiments'])} experiments, {threads} CPU threads each; "
+    _log(f"device {gpu}; {len(seeds)} seeds x {len(names)} experiments, {threads} CPU threads each; "
          f"deadline {deadline_s:.0f} s")
 
     def build_llm(seed: int) -> bool:
         llm = plan["llm"]
         out_dir = runs_dir / f"seed{seed}" / "llm"
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if (out_dir / "config.json").is_file():  # model.demo_llm renames the folder into place when complete
+            timings[f"seed{seed}/demo_llm"] = {"reused": True}
+            _log(f"seed {seed}: demo LM reused from {out_dir}")
+            return True
         settings = {"demo_hidden_size": llm["hidden_size"], "demo_layers": llm["layers"],
                     "demo_vocab_size": llm["vocab_size"], "demo_seed": seed, "demo_pretrain_steps": llm["pretrain_steps"],
                     "demo_init_std": llm["init_std"], "demo_attribute_text": bool(llm["attribute_text"])}
@@ -318,10 +358,12 @@ def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: 
         p1 = {**plan["train"][name]["stage1"], "seed": seed}
         p2 = {**plan["train"][name]["stage2"], "seed": seed}
         steps = [
+            # --resume: a stage cut off by the deadline continues from its latest checkpoint next time
             ("stage1", [py, "-m", "model.train", "--stage", "1", "--params-json", json.dumps(p1), *common,
-                        "--out", str(d / "stage1")]),
+                        "--out", str(d / "stage1"), "--resume", "--on-mismatch", "restart"]),
             ("stage2", [py, "-m", "model.train", "--stage", "2", "--params-json", json.dumps(p2), *common,
-                        "--init", str(d / "stage1"), "--out", str(d / "stage2")]),
+                        "--init", str(d / "stage1"), "--out", str(d / "stage2"), "--resume", "--on-mismatch",
+                        "restart"]),
             ("generate", [py, "-m", "model.generate", "--model", str(d / "stage2"), "--features",
                           *feats[exp["pooling"]], "--attributes", *attrs, "--reports", reports["test"],
                           "--out", str(d / "predictions.parquet"),
@@ -332,6 +374,9 @@ def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: 
         key = f"seed{seed}/{name}"
         timings[key] = {}
         for step, cmd in steps:
+            if (d / DONE_MARKS[step]).exists():
+                timings[key].setdefault("reused", []).append(step)
+                continue
             t = time.perf_counter()
             ok = runs.run(cmd, log)
             timings[key][f"{step}_s"] = round(time.perf_counter() - t, 1)
@@ -340,7 +385,7 @@ def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: 
                 _log(f"{key}: {status[key]}\n{_tail(log)}")
                 return
         status[key] = "done"
-        _log(f"{key}: done ({', '.join(f'{k} {v:.0f} s' for k, v in timings[key].items())})")
+        _log(f"{key}: done ({', '.join(f'{k} {v:.0f} s' if k != 'reused' else f'reused {v}' for k, v in timings[key].items())})")
 
     llm_builds = [threading.Thread(target=lambda s=s: status.__setitem__(f"seed{s}/demo_llm", "done" if build_llm(s)
                                                                             else "failed")) for s in seeds]
@@ -348,12 +393,17 @@ def device(bundle: Path, out: Path, device_name: str, deadline_s: float, seeds: 
         t.start()
     for t in llm_builds:
         t.join()
-    workers = [threading.Thread(target=one_run, args=(s, name)) for s in seeds for name in plan["experiments"]
+    workers = [threading.Thread(target=one_run, args=(s, name)) for s in seeds for name in names
                if status.get(f"seed{s}/demo_llm") == "done"]
     for t in workers:
         t.start()
     for t in workers:
         t.join()
+    for s in seeds:  # the experiments left out of this run count as done where an earlier one finished them
+        for name in plan["experiments"]:
+            if name not in names:
+                done_before = (runs_dir / f"seed{s}" / name / DONE_MARKS["generate"]).exists()
+                status[f"seed{s}/{name}"] = "done" if done_before else "not run (--experiments)"
     wall = time.time() - t_start
     summary = {"device": gpu, "seeds": seeds, "experiments": list(plan["experiments"]), "wall_s": round(wall, 1),
                "deadline_s": deadline_s, "status": status, "timings": timings, "plan": plan}
@@ -627,7 +677,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     d.add_argument("--deadline-s", type=float, default=480.0,
                    help="stop every run still going after this many seconds and pack what finished")
-    d.add_argument("--work", type=Path, default=None)
+    d.add_argument("--work", type=Path, default=None,
+                   help="working folder (default: a new temporary one); an earlier run's folder resumes it")
+    d.add_argument("--experiments", nargs="+", default=None,
+                   help="only these of the bundle's experiments (default: all)")
     d.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="model seeds (default: the bundle's, 0 1 2)")
     c = sub.add_parser("collect", help="pack what a device run has finished so far (its --work folder)")
@@ -649,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.step == "pack":
         pack_bundle(args.workdir, args.bundle, args.configfile, args.seeds or [0, 1, 2], args.max_mib)
     elif args.step == "device":
-        summary = device(args.bundle, args.out, args.device, args.deadline_s, args.seeds, args.work)
+        summary = device(args.bundle, args.out, args.device, args.deadline_s, args.seeds, args.work,
+                         args.experiments)
         return 0 if all(v == "done" for v in summary["status"].values()) else 1
     elif args.step == "collect":
         collect(args.work, args.out)

@@ -221,3 +221,71 @@ def test_collect_refuses_a_folder_without_runs(tmp_path):
     (tmp_path / "bundle" / "plan.json").unlink()
     with pytest.raises(SystemExit, match="no bundle/plan.json"):
         ga.collect(tmp_path, tmp_path / "out")
+
+
+def _fake_bundle(path: Path, experiments: list[str], extra: str = "") -> Path:
+    import tarfile
+
+    src = path.parent / (path.name + ".src") / "bundle"
+    src.mkdir(parents=True)
+    stage = {"epochs": 1, "batch_size": 2}
+    plan = {"experiments": {e: {"pooling": "lita" if e == "lita" else "r2"} for e in experiments}, "seeds": [0],
+            "llm": {"hidden_size": 8, "layers": 1, "vocab_size": 50, "pretrain_steps": 1, "init_std": 0.02,
+                    "attribute_text": False},
+            "train": {e: {"stage1": stage, "stage2": stage} for e in experiments},
+            "generate": {"max_new_tokens": 8, "batch_size": 2}, "extra": extra}
+    (src / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(src, arcname="bundle")
+    return path
+
+
+def test_device_runs_only_the_named_experiments_and_a_rerun_reuses_what_is_done(tmp_path, monkeypatch):
+    """The device step's bookkeeping with the model stages replaced by stubs that write each step's
+    completion mark: --experiments restricts the runs, a second call on the same --work folder reuses the
+    demo LM and the finished run and runs only the rest, and the packed summary covers every experiment."""
+    import tarfile
+
+    import pandas as pd
+
+    calls: list[list[str]] = []
+
+    def fake_run(self, cmd, log, env=None):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        if "model.demo_llm" in cmd:
+            out.mkdir(parents=True)
+            (out / "config.json").write_text("{}", encoding="utf-8")
+        elif "model.train" in cmd:
+            assert "--resume" in cmd
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "medregion_config.json").write_text("{}", encoding="utf-8")
+        else:
+            pd.DataFrame({"volume_id": ["v1"], "report": ["x"]}).to_parquet(out)
+        return True
+
+    monkeypatch.setattr(ga._Runs, "run", fake_run)
+    bundle = _fake_bundle(tmp_path / "b.tar.gz", ["full", "r2"])
+    work = tmp_path / "work"
+
+    first = ga.device(bundle, tmp_path / "out1", "cpu", 60.0, work=work, experiments=["r2"])
+    assert first["status"]["seed0/r2"] == "done"
+    assert first["status"]["seed0/full"] == "not run (--experiments)"
+    assert [c[2] for c in calls] == ["model.demo_llm", "model.train", "model.train", "model.generate"]
+    assert all("/full/" not in " ".join(c) for c in calls)
+
+    calls.clear()
+    second = ga.device(bundle, tmp_path / "out2", "cpu", 60.0, work=work)
+    assert [c[2] for c in calls] == ["model.train", "model.train", "model.generate"]  # no demo LM, no r2
+    assert all("/full/" in c[c.index("--out") + 1].replace(os.sep, "/") for c in calls)
+    assert second["status"] == {"seed0/demo_llm": "done", "seed0/full": "done", "seed0/r2": "done"}
+    assert second["timings"]["seed0/r2"] == {"reused": ["stage1", "stage2", "generate"]}
+    with tarfile.open(tmp_path / "out2" / ga.PREDICTIONS_FILE) as tar:
+        names = set(tar.getnames())
+    assert {"seed0/full/predictions.parquet", "seed0/r2/predictions.parquet"} <= names
+
+    with pytest.raises(SystemExit, match="no experiment r2_atr; it has full, r2"):
+        ga.device(bundle, tmp_path / "out3", "cpu", 60.0, work=work, experiments=["r2_atr"])
+    other = _fake_bundle(tmp_path / "other.tar.gz", ["full", "r2"], extra="another cohort")
+    with pytest.raises(SystemExit, match="runs of another bundle"):
+        ga.device(other, tmp_path / "out4", "cpu", 60.0, work=work)
