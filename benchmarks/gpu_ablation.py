@@ -263,19 +263,11 @@ DONE_MARKS = {"stage1": "stage1/medregion_config.json", "stage2": "stage2/medreg
               "generate": "predictions.parquet"}
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _open_work(bundle: Path, work: Path) -> Path:
     """Extract the bundle into `work` (once); a folder holding another bundle's runs is refused."""
-    digest, stamp = _sha256(bundle), work / "bundle.sha256"
+    from model.gguf_import import sha256_file  # imports neither zarr nor SimpleITK (absent on the device)
+
+    digest, stamp = sha256_file(bundle), work / "bundle.sha256"
     if stamp.is_file():
         if stamp.read_text(encoding="utf-8").strip() != digest:
             raise SystemExit(f"{work}: holds the runs of another bundle than {bundle}; give a new --work folder")
